@@ -10,7 +10,6 @@ from team_logging_middleware.settings import CallbackSpec, TeamSettings
 from team_logging_middleware.stores.base import KeyRecord, SettingsStore
 from team_logging_middleware.stores.memory import MemorySettingsStore
 
-
 SECRET = "sk-lf-secret"
 
 
