@@ -114,7 +114,7 @@ def _events_for(model: str) -> list[bytes]:
     return events
 
 
-def _completion(model: str) -> bytes:
+def completion_body(model: str) -> bytes:
     return json.dumps(
         {
             "id": "chatcmpl-bench",
@@ -164,7 +164,13 @@ class Gateway:
     def __init__(self) -> None:
         self.on_startup: list[Hook] = []
         self.on_shutdown: list[Hook] = []
+        self.on_flush: list[Hook] = []
         self._stats: Callable[[], Mapping[str, Any]] | None = None
+
+    async def flush(self) -> None:
+        """Wait until the variant's background logging has caught up (in-process use)."""
+        for hook in self.on_flush:
+            await hook()
 
     def set_stats(self, stats: Callable[[], Mapping[str, Any]]) -> None:
         """Serve ``stats()`` (the variant's delivery counters) on ``GET /__bench/stats``."""
@@ -195,7 +201,7 @@ class Gateway:
             return
         model = str(request.get("model", "gpt-bench"))
         if not request.get("stream"):
-            await _respond(send, 200, _completion(model), _JSON_HEADERS)
+            await _respond(send, 200, completion_body(model), _JSON_HEADERS)
             return
         pace = float(request.get("pace_ms", 0)) / 1000.0
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
@@ -292,7 +298,11 @@ def _tlm_app(gateway: Gateway, variant: str, teams: int, langfuse_host: str | No
         for i in range(teams):
             await store.put_team(settings_for(i))
 
+    async def flush() -> None:
+        await team_logging.dispatcher.flush(30.0)
+
     gateway.on_startup.insert(0, seed)
+    gateway.on_flush.append(flush)
     gateway.set_stats(lambda: team_logging.dispatcher.stats())
     return TeamLoggingMiddleware(gateway, team_logging=team_logging)
 
@@ -327,7 +337,11 @@ def _otel_app(gateway: Gateway) -> ASGIApp:
     async def shutdown() -> None:
         provider.shutdown()
 
+    async def flush() -> None:
+        provider.force_flush()
+
     gateway.on_shutdown.append(shutdown)
+    gateway.on_flush.append(flush)
     gateway.set_stats(lambda: {"spans_exported": NoopExporter.exported})
     app: ASGIApp = OpenTelemetryMiddleware(gateway, tracer_provider=provider)
     return app
@@ -383,8 +397,13 @@ def _basehttp_app(gateway: Gateway) -> ASGIApp:
         response.body_iterator = body_iterator()  # type: ignore[attr-defined]
         return response
 
+    async def flush() -> None:
+        while queue.qsize():
+            await asyncio.sleep(0)
+
     gateway.on_startup.append(start)
     gateway.on_shutdown.append(stop)
+    gateway.on_flush.append(flush)
     gateway.set_stats(lambda: {"logged": counters["logged"], "queued": queue.qsize()})
     return BaseHTTPMiddleware(gateway, dispatch=dispatch)
 
