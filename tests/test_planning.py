@@ -614,7 +614,7 @@ def _outcomes(entries: Iterable[CallbackSpec]) -> set[tuple[str, bool]]:
     }
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     defaults=st.lists(_specs(None), max_size=3),
     config_teams=st.tuples(*(_team(t) for t in _TEAMS)),
