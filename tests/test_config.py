@@ -12,6 +12,7 @@ import yaml
 from team_logging_middleware.config import StaticConfig
 from team_logging_middleware.errors import ConfigFileError, SettingsError
 from team_logging_middleware.settings import CallbackSpec, TeamSettings
+from team_logging_middleware.sinks import default_registry
 from team_logging_middleware.sinks.base import SinkContext, SinkRegistry, SinkType
 
 SECRET = "sk-lf-0123456789-very-secret"
@@ -110,6 +111,21 @@ def test_seed_yaml_loads_with_env_references_kept(
     assert config.teams["ishaans-secret-project"].callbacks == [
         _langfuse("os.environ/LANGFUSE_PUB_KEY_2", "os.environ/LANGFUSE_SECRET_2")
     ]
+
+
+def test_seed_yaml_with_the_default_registry(tmp_path: Path) -> None:
+    # The same file against the real built-in sink types (langfuse's alias langfuse_secret).
+    path = tmp_path / "config.yaml"
+    path.write_text(SEED_YAML, encoding="utf-8")
+    config = StaticConfig.load(path, default_registry(jsonl_dir=tmp_path))
+    assert {team_id: settings.callbacks for team_id, settings in config.teams.items()} == {
+        "my-secret-project": [
+            _langfuse("os.environ/LANGFUSE_PUB_KEY_1", "os.environ/LANGFUSE_PRIVATE_KEY_1")
+        ],
+        "ishaans-secret-project": [
+            _langfuse("os.environ/LANGFUSE_PUB_KEY_2", "os.environ/LANGFUSE_SECRET_2")
+        ],
+    }
 
 
 def test_seed_entries_are_also_accepted_at_the_top_level() -> None:
