@@ -117,7 +117,7 @@ async def stages(langfuse_host: str, records: int = 5_000, batch: int = 100) -> 
     }
 
 
-async def run(langfuse_host: str, seconds: float) -> dict[str, Any]:
+async def run(langfuse_host: str, seconds: float, stage_records: int = 5_000) -> dict[str, Any]:
     from team_logging_middleware.dispatcher import Dispatcher
     from team_logging_middleware.sinks import default_registry
 
@@ -154,7 +154,7 @@ async def run(langfuse_host: str, seconds: float) -> dict[str, Any]:
         stats = dispatcher.stats()
     finally:
         await dispatcher.stop(5.0)
-    breakdown = await stages(langfuse_host)
+    breakdown = await stages(langfuse_host, stage_records)
     wall = marks["end"][0] - marks["start"][0]
     cpu = marks["end"][1] - marks["start"][1]
     sent = marks["end"][2] - marks["start"][2]
@@ -181,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.dispatch", description=__doc__)
     parser.add_argument("--langfuse-host", required=True)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--stage-records", type=int, default=5_000)
     parser.add_argument("--profile", type=int, metavar="TOP", help="cProfile; list TOP functions")
     args = parser.parse_args(argv)
     import uvloop
@@ -188,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile = cProfile.Profile() if args.profile else None
     if profile is not None:
         profile.enable()
-    result = uvloop.run(run(args.langfuse_host, args.seconds))
+    result = uvloop.run(run(args.langfuse_host, args.seconds, args.stage_records))
     print("BENCH_JSON " + json.dumps(result), flush=True)
     if profile is not None:
         profile.disable()

@@ -214,6 +214,14 @@ class Server:
                     ) from None
                 time.sleep(0.05)
 
+    def drain(self, deadline: float) -> Any:
+        """Wait until the dispatcher has resolved every record; returns its final stats."""
+        while True:
+            stats = self.stats()
+            if not stats.get("pending") or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.05)
+
     def wait_idle(self, *, quiet: float, deadline: float) -> float:
         """Wait until the process has used no CPU for ``quiet`` seconds (the export backlog has
         drained); returns the seconds waited. One clock tick of slack absorbs uvicorn's timer."""
@@ -513,20 +521,34 @@ class Bench:
         self.client_core = CLIENT_CORE if cfg.pin else None
         self.langfuse_port: int | None = None
         self.langfuse_proc: subprocess.Popen[bytes] | None = None
+        self.langfuse_sent = 0  # spans our servers reported sent, to compare with the fake's count
+
+    def retire(self, servers: Sequence[Server]) -> None:
+        """Stop servers; a Langfuse variant first drains, and its sent count is kept."""
+        for server in servers:
+            if server.variant == "tlm-langfuse" and server.proc.poll() is None:
+                with contextlib.suppress(OSError, BenchError, ValueError):
+                    stats = server.drain(time.monotonic() + 15)
+                    self.langfuse_sent += int(stats.get("sent", 0))
+        self.procs.stop_all([s.proc for s in servers])
+
+    def langfuse_check(self) -> dict[str, int] | None:
+        if self.langfuse_port is None:
+            return None
+        stats = _http_get_json(self.langfuse_port, "/_fake/stats")
+        return {
+            "sent_by_servers": self.langfuse_sent,
+            "received_by_fake": sum(stats.get("spans", {}).values()),
+            "otlp_requests": int(stats.get("counters", {}).get("otlp_requests", 0)),
+        }
 
     # processes
 
     def start_fake_langfuse(self, projects: int) -> None:
         port = free_port()
-        projects_file = self.workdir / "langfuse-projects.json"
-        projects_file.write_text(
-            json.dumps(
-                [
-                    dict(zip(("public_key", "secret_key"), langfuse_keys(i), strict=True))
-                    for i in range(projects)
-                ]
-            )
-        )
+        # Every team's project is registered (auth is checked per request, as Langfuse does);
+        # spans are decoded and counted but not kept, so the fake's memory stays flat.
+        pairs = [":".join(langfuse_keys(i)) for i in range(projects)]
         argv = pinned(
             self.client_core,
             [
@@ -535,8 +557,8 @@ class Bench:
                 "tests.fixtures.fake_langfuse",
                 "--port",
                 str(port),
-                "--projects",
-                str(projects_file),
+                "--no-keep",
+                *(arg for pair in pairs for arg in ("--project", pair)),
             ],
         )
         log = self.workdir / "fake-langfuse.log"
@@ -620,6 +642,8 @@ class Bench:
             teams=teams,
             core=self.client_core,
         )
+        ticks_loaded = server.cpu_ticks()
+        loaded_wall = time.monotonic() - wall_before
         drained = server.wait_idle(quiet=self.cfg.idle_quiet, deadline=time.monotonic() + 20)
         ticks_after = server.cpu_ticks()
         rss_after = server.rss_kb()
@@ -636,7 +660,7 @@ class Bench:
             "p50_ms": result["latency_us"]["p50"] / 1000.0,
             "p99_ms": result["latency_us"]["p99"] / 1000.0,
             "cpu_us_per_req": cpu_seconds * 1e6 / result["requests"],
-            "cpu_utilisation": cpu_seconds / max(1e-9, time.monotonic() - wall_before - drained),
+            "cpu_utilisation": (ticks_loaded - ticks_before) / CLK_TCK / loaded_wall,
             "drain_s": round(drained, 3),
             "rss_before_mb": rss_before / 1024.0,
             "rss_after_mb": rss_after / 1024.0,
@@ -699,7 +723,7 @@ class Bench:
                 server.wait_idle(quiet=cfg.idle_quiet, deadline=time.monotonic() + 30)
                 m = self.measure(server, "json", seconds=cfg.teams_duration, teams=teams)
             finally:
-                self.procs.stop(server.proc)
+                self.retire([server])
             m.update(variant=cfg.teams_variant, teams=teams)
             out.append(m)
             log(
@@ -742,8 +766,9 @@ class Bench:
             with contextlib.suppress(OSError, BenchError, ValueError):
                 stats = server.stats()
         finally:
-            # Shutdown waits for the dispatcher's deadline while Langfuse is down; cut it short.
-            self.procs.stop(server.proc, timeout=5.0)
+            # A graceful shutdown would wait out the dispatcher's flush deadline while Langfuse
+            # is down (by design); nothing is left to measure, so do not wait for it.
+            self.procs.stop(server.proc, timeout=1.0)
         growth = (rss_end - rss_start) / 1024.0
         peak = max(p["rss_mb"] for p in series)
         log(
@@ -780,6 +805,8 @@ class Bench:
                 self.langfuse_host,
                 "--seconds",
                 str(cfg.dispatcher_seconds),
+                "--stage-records",
+                "500" if cfg.smoke else "5000",
             ],
         )
         done = subprocess.run(
@@ -811,9 +838,10 @@ class Bench:
         try:
             matrix = self.run_matrix(servers)
         finally:
-            self.procs.stop_all([s.proc for s in servers.values()])
+            self.retire(list(servers.values()))
         teams = self.run_teams_scale()
         soak = self.run_soak()
+        langfuse = self.langfuse_check()  # before the dispatcher-alone run adds its own spans
         dispatcher = self.run_dispatcher()
         report: dict[str, Any] = {
             "schema": 1,
@@ -837,6 +865,7 @@ class Bench:
             "teams_scale": teams,
             "soak": soak,
             "dispatcher": dispatcher,
+            "langfuse_delivery": langfuse,
             "processes": self.procs.started,
         }
         report["targets"] = evaluate_targets(report)
@@ -875,6 +904,7 @@ def summarise(
             "p50_ratio": median(ratios["p50"]),
             "cpu_us_per_req": median([m["cpu_us_per_req"] for m in rounds]),
             "cpu_extra_us": median(ratios["cpu_extra_us"]),
+            "server_cpu_share": median([m["cpu_utilisation"] for m in rounds]),
             "rss_mb": median([m["rss_after_mb"] for m in rounds]),
             "errors": sum(m["errors"] for m in rounds),
             "rounds": rounds,
@@ -1028,7 +1058,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{c['connections']['paced']}); {c['rounds']} interleaved round(s) of {c['duration_s']} s "
         f"after {c['warmup_s']} s warm-up; medians over rounds; every ratio is to `bare` in the "
         "same round. CPU is the server process's utime+stime over the run and the drain after it "
-        "(background export included), divided by requests completed.",
+        '(background export included), divided by requests completed; "server busy" is that '
+        "CPU over the run's wall time (near 100%: the server, not the client, was the limit).",
         "",
     ]
     for note in c.get("notes", []):
@@ -1037,8 +1068,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "## Throughput, latency and CPU",
         "",
         "| variant | workload | req/s | x bare | p50 ms | p99 ms | CPU µs/req | extra µs/req "
-        "| TTFB p50 ms | TTFB x bare | RSS MB | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| TTFB p50 ms | TTFB x bare | server busy | RSS MB | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         lines.append(
@@ -1046,7 +1077,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {_fmt(r['rps_ratio'], '.3f')} | {_fmt(r['p50_ms'], '.2f')} "
             f"| {_fmt(r['p99_ms'], '.2f')} | {_fmt(r['cpu_us_per_req'])} "
             f"| {_fmt(r['cpu_extra_us'], '+.1f')} | {_fmt(r.get('ttfb_p50_ms'), '.3f')} "
-            f"| {_fmt(r.get('ttfb_p50_ratio'), '.3f')} | {_fmt(r['rss_mb'])} | {r['errors']} |"
+            f"| {_fmt(r.get('ttfb_p50_ratio'), '.3f')} "
+            f"| {_fmt(100 * r['server_cpu_share'], '.0f')}% | {_fmt(r['rss_mb'])} | {r['errors']} |"
         )
     if report["teams_scale"]:
         lines += [
@@ -1076,6 +1108,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{soak['growth_mb']:+.1f} MB, peak {soak['rss_peak_mb']:.1f} MB) at "
             f"{soak['rps']:.0f} req/s.",
         ]
+    delivery = report.get("langfuse_delivery")
+    if delivery:
+        lines += [
+            "",
+            f"Langfuse delivery check: the servers reported {delivery['sent_by_servers']:,} spans "
+            f"sent; the fake Langfuse received and decoded {delivery['received_by_fake']:,} "
+            f"in {delivery['otlp_requests']:,} OTLP requests.",
+        ]
     disp = report.get("dispatcher")
     if disp:
         lines += [
@@ -1099,8 +1139,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_T0 = time.monotonic()
+
+
 def log(message: str) -> None:
-    print(message, flush=True)
+    print(f"[{time.monotonic() - _T0:6.1f}s] {message}" if message else "", flush=True)
 
 
 def write_outputs(report: dict[str, Any], cfg: Config) -> tuple[Path, Path]:
@@ -1164,8 +1207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             procs.stop_all(timeout=5.0)
     json_path, md_path = write_outputs(report, cfg)
-    log("")
-    log(render_markdown(report))
+    print("\n" + render_markdown(report), flush=True)
     log(
         f"bench: wrote {json_path} and {md_path}"
         + (" and bench/RESULTS.md, bench/latest.json" if cfg.publish else "")
