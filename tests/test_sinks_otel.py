@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -483,6 +484,38 @@ async def test_closed_destination_refuses_to_export(
     assert otlp_receiver.requests_for("closed") == []
 
 
+async def test_a_name_resolving_to_a_metadata_address_is_refused_at_export(
+    otlp_receiver: OtlpReceiver,
+    make_sink: Callable[..., OtelSink],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A harmless-looking name written through the admin API, later re-pointed by its DNS owner.
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "collector.rebind.test":
+            return real_getaddrinfo("169.254.169.254", port, *args, **kwargs)
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    port = otlp_receiver.http_url.rsplit(":", 1)[1]
+    sink = make_sink({"otel_endpoint": f"http://collector.rebind.test:{port}/v1/traces"})
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    with pytest.raises(SinkError) as info:
+        await sink.emit([make_record()])
+    assert info.value.retryable is False
+    assert "metadata" in info.value.reason
+    assert otlp_receiver.requests == []
+
+
+async def test_a_host_name_is_resolved_and_used(
+    otlp_receiver: OtlpReceiver, make_sink: Callable[..., OtelSink]
+) -> None:
+    port = otlp_receiver.http_url.rsplit(":", 1)[1]
+    sink = make_sink({"otel_endpoint": f"http://localhost:{port}/named/v1/traces"})
+    await sink.emit([make_record()])
+    assert len(otlp_receiver.spans("named")) == 1
+
+
 # ---- check() -----------------------------------------------------------------------------------
 
 
@@ -587,7 +620,7 @@ def test_valid_settings_pass_and_keep_their_values() -> None:
         ({"otel_endpoint": "http://c:4318", "otel_protocol": "thrift"}, "otel_protocol", "grpc"),
         ({"otel_endpoint": "collector:4318"}, "otel_endpoint", "http://"),
         ({"otel_endpoint": "ftp://collector/v1/traces"}, "otel_endpoint", "http://"),
-        ({"otel_endpoint": "http://u:pw@collector/v1/traces"}, "otel_endpoint", "otel_headers"),
+        ({"otel_endpoint": "http://u:pw@collector/v1/traces"}, "otel_endpoint", "credentials"),
         ({"otel_endpoint": "http://169.254.169.254/v1/traces"}, "otel_endpoint", "metadata"),
         ({"otel_endpoint": "http://[fd00:ec2::254]/v1/traces"}, "otel_endpoint", "metadata"),
         (

@@ -42,7 +42,6 @@ import contextlib
 import functools
 import hashlib
 import inspect
-import ipaddress
 import json
 import logging
 import os
@@ -57,6 +56,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from .. import __version__
+from .._netsafety import blocked_reason, check_destination_url, literal_ip
 from ..errors import MissingDependencyError, SettingsError, SinkError
 from ..records import LogRecord
 from .base import SinkContext, SinkType
@@ -132,13 +132,6 @@ MAX_SERVICE_NAME = 256
 _HTTP_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _GRPC_KEY = re.compile(r"^[0-9a-z_.-]+$")
 _PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
-# Link-local and cloud-metadata addresses must never receive logs (SSRF from inside the
-# operator's network); checked on literal hosts here and on resolved addresses before export.
-_BLOCKED_NETWORKS = (
-    ipaddress.ip_network("169.254.0.0/16"),
-    ipaddress.ip_network("fe80::/10"),
-    ipaddress.ip_network("fd00:ec2::254/128"),
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,17 +157,6 @@ class OtelTarget:
         )
 
 
-def _blocked(host: str) -> bool:
-    candidate = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        ip = ipaddress.ip_address(candidate.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip.version == net.version and ip in net for net in _BLOCKED_NETWORKS)
-
-
 def parse_protocol(value: str | None) -> str:
     protocol = (value or DEFAULT_PROTOCOL).strip().lower()
     if protocol not in PROTOCOLS:
@@ -186,42 +168,26 @@ def parse_protocol(value: str | None) -> str:
 
 
 def parse_endpoint(value: str, protocol: str) -> tuple[str, str, int, bool]:
-    """``(endpoint, host, port, insecure)`` for the exporter; raises :class:`SettingsError`."""
+    """``(endpoint, host, port, insecure)`` for the exporter; raises :class:`SettingsError`.
+
+    The shared destination-URL rules apply (http/https only, no credentials in the URL, no
+    query, no link-local / cloud-metadata literal address); a bare gRPC ``host:port`` is
+    checked as the ``https://`` URL it stands for.
+    """
     param = "callback_vars.otel_endpoint"
     raw = value.strip()
-    if protocol == "grpc" and "://" not in raw:
-        raw_url, insecure = "//" + raw, False
-    else:
-        raw_url, insecure = raw, False
-    try:
-        parts = urlsplit(raw_url)
-        port = parts.port
-    except ValueError:
-        raise SettingsError(f"{param}: not a valid endpoint", param=param) from None
-    if parts.scheme not in ("http", "https") and "://" in raw:
-        raise SettingsError(f"{param}: must start with http:// or https://", param=param)
-    if protocol == "http/protobuf" and parts.scheme not in ("http", "https"):
+    bare = "://" not in raw
+    if protocol == "http/protobuf" and bare:
         raise SettingsError(
             f"{param}: must be a full http:// or https:// URL, e.g. "
             "https://collector:4318/v1/traces",
             param=param,
         )
-    if parts.username is not None or parts.password is not None:
-        raise SettingsError(
-            f"{param}: credentials must not be part of the URL; put them in otel_headers",
-            param=param,
-        )
-    host = parts.hostname
-    if not host:
-        raise SettingsError(f"{param}: the endpoint has no host", param=param)
-    if parts.query or parts.fragment:
-        raise SettingsError(f"{param}: must not have a query or fragment", param=param)
-    if port == 0:
-        raise SettingsError(f"{param}: port 0 is not a valid destination", param=param)
-    if _blocked(host):
-        raise SettingsError(
-            f"{param}: link-local / cloud metadata addresses cannot receive logs", param=param
-        )
+    url = f"https://{raw}" if bare else raw
+    check_destination_url(url, param=param)
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port
     if protocol == "grpc":
         if parts.path not in ("", "/"):
             raise SettingsError(
@@ -229,15 +195,13 @@ def parse_endpoint(value: str, protocol: str) -> tuple[str, str, int, bool]:
                 "without a path",
                 param=param,
             )
-        if port is None and "://" not in raw:
+        if port is None and bare:
             raise SettingsError(f"{param}: a gRPC endpoint needs a port (host:port)", param=param)
-        insecure = parts.scheme == "http"
         grpc_port = port if port is not None else DEFAULT_GRPC_PORT
         netloc_host = f"[{host}]" if ":" in host else host
-        return f"{netloc_host}:{grpc_port}", host, grpc_port, insecure
+        return f"{netloc_host}:{grpc_port}", host, grpc_port, parts.scheme == "http" and not bare
     path = parts.path if parts.path not in ("", "/") else TRACES_PATH
-    netloc = parts.netloc
-    endpoint = f"{parts.scheme}://{netloc}{path}"
+    endpoint = f"{parts.scheme}://{parts.netloc}{path}"
     default_port = 443 if parts.scheme == "https" else 80
     return endpoint, host, port if port is not None else default_port, False
 
@@ -915,17 +879,24 @@ class OtelSink:
         )
 
     def _check_host(self) -> None:
-        # Names can resolve (or be re-pointed) to a metadata address after validation.
-        try:
-            infos = socket.getaddrinfo(
-                self._target.host, self._target.port, type=socket.SOCK_STREAM
-            )
-        except OSError:
-            raise SinkError(
-                "collector unreachable (its host name did not resolve)", retryable=True
-            ) from None
-        if any(_blocked(str(info[4][0])) for info in infos):
-            raise SinkError("collector host resolves to a link-local / cloud metadata address")
+        """Resolve the collector host here, next to the export: a name validated when it was
+        written can resolve (or be re-pointed) to a metadata address later."""
+        host, port = self._target.host, self._target.port
+        ip = literal_ip(host)
+        if ip is not None:
+            addresses = [str(ip)]
+        else:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError:
+                raise SinkError(
+                    "collector unreachable (its host name did not resolve)", retryable=True
+                ) from None
+            addresses = [str(info[4][0]) for info in infos]
+        for address in addresses:
+            reason = blocked_reason(address.split("%", 1)[0])
+            if reason is not None:
+                raise SinkError(f"collector host resolves to a {reason} address; refusing to send")
 
     def _export(self, spans: Sequence[Any]) -> None:
         """Runs on the blocking pool: check the host, export, translate a failure."""
