@@ -19,9 +19,15 @@ from team_logging_middleware.errors import SettingsError
 
 @pytest.mark.parametrize(
     "address",
-    ["169.254.169.254", "169.254.0.1", "fd00:ec2::254", "::ffff:169.254.169.254", "fe80::1",
-     "100.100.100.200"],
-)  # fmt: skip
+    [
+        "169.254.169.254",
+        "169.254.0.1",
+        "fd00:ec2::254",
+        "::ffff:169.254.169.254",
+        "fe80::1",
+        "100.100.100.200",
+    ],
+)
 def test_metadata_and_link_local_addresses_are_blocked(address: str) -> None:
     assert blocked_reason(address) is not None
 

@@ -39,8 +39,15 @@ def _span(**overrides: object) -> dict[str, object]:
 
 
 def test_export_decodes_with_a_strict_otlp_decoder() -> None:
-    body = _export(_span(), _span(name="failed", status_code=_otlp.STATUS_ERROR,
-                                  status_message="boom", kind=_otlp.SPAN_KIND_CLIENT))  # fmt: skip
+    body = _export(
+        _span(),
+        _span(
+            name="failed",
+            status_code=_otlp.STATUS_ERROR,
+            status_message="boom",
+            kind=_otlp.SPAN_KIND_CLIENT,
+        ),
+    )
     spans = flatten_spans(decode_export(body, "application/json"), "pk")
     assert [s["name"] for s in spans] == ["op", "failed"]
     first, second = spans
@@ -49,8 +56,13 @@ def test_export_decodes_with_a_strict_otlp_decoder() -> None:
     assert first["start_time_unix_nano"] == 1_700_000_000_250_000_000
     assert first["end_time_unix_nano"] == 1_700_000_001_500_000_000
     assert first["attributes"] == {
-        "s": "text", "b": True, "i": 42, "f": 0.5, "l": ["a", 1], "m": {"k": "v"}
-    }  # fmt: skip
+        "s": "text",
+        "b": True,
+        "i": 42,
+        "f": 0.5,
+        "l": ["a", 1],
+        "m": {"k": "v"},
+    }
     assert first["status"]["code"] == _otlp.STATUS_UNSET
     assert second["status"] == {"code": _otlp.STATUS_ERROR, "message": "boom"}
     assert second["kind"] == _otlp.SPAN_KIND_CLIENT
@@ -66,8 +78,9 @@ def test_empty_export_is_valid_and_overhead_is_its_size() -> None:
 
 
 def test_end_time_never_precedes_start_time() -> None:
-    encoded = _otlp.span(trace_id="ab" * 16, span_id="cd" * 8, name="x", start_time=10.0,
-                         end_time=9.0, attributes=[])  # fmt: skip
+    encoded = _otlp.span(
+        trace_id="ab" * 16, span_id="cd" * 8, name="x", start_time=10.0, end_time=9.0, attributes=[]
+    )
     assert encoded["endTimeUnixNano"] == encoded["startTimeUnixNano"] == "10000000000"
 
 
@@ -118,9 +131,7 @@ def test_any_value_and_key_values() -> None:
     assert _otlp.any_value(7) == {"intValue": "7"}
     assert _otlp.any_value(None) == {}
     assert _otlp.any_value(object()).keys() == {"stringValue"}
-    assert _otlp.key_values([("a", 1), ("b", None)]) == [
-        {"key": "a", "value": {"intValue": "1"}}
-    ]
+    assert _otlp.key_values([("a", 1), ("b", None)]) == [{"key": "a", "value": {"intValue": "1"}}]
 
 
 @given(st.floats(min_value=0, max_value=4_000_000_000, allow_nan=False))

@@ -82,9 +82,7 @@ def check_destination_url(url: str, *, param: str) -> str:
     except ValueError:
         raise SettingsError(f"{param}: not a valid URL", param=param) from None
     if parts.scheme not in ("http", "https"):
-        raise SettingsError(
-            f"{param}: the URL must start with http:// or https://", param=param
-        )
+        raise SettingsError(f"{param}: the URL must start with http:// or https://", param=param)
     if parts.username is not None or parts.password is not None:
         raise SettingsError(
             f"{param}: credentials must not be part of the URL; use the dedicated key vars",

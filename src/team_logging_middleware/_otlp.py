@@ -115,8 +115,9 @@ def attribute_prefix(key: str, value_type: str = "stringValue") -> bytes:
 
 
 def _hash_id(seed: str, size: int, person: bytes) -> str:
-    digest = hashlib.blake2b(seed.encode("utf-8", "surrogatepass"), digest_size=size,
-                             person=person).digest()
+    digest = hashlib.blake2b(
+        seed.encode("utf-8", "surrogatepass"), digest_size=size, person=person
+    ).digest()
     if not any(digest):  # the all-zero id means "invalid" in OTLP
         digest = digest[:-1] + b"\x01"
     return digest.hex()
