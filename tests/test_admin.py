@@ -24,6 +24,7 @@ from team_logging_middleware.runtime import TeamLogging
 from team_logging_middleware.settings import TeamSettings
 from team_logging_middleware.sinks import default_registry
 from team_logging_middleware.stores.memory import MemorySettingsStore
+from tests.fixtures.fake_langfuse import FakeLangfuse
 
 MASTER = "sk-master-0123456789"
 AUTH = {"Authorization": f"Bearer {MASTER}"}
@@ -667,20 +668,40 @@ async def test_callback_test_route(make_admin: AdminFactory) -> None:
     assert_error(await admin.client.post("/team/t/callback/otel/test", headers=AUTH), 404)
 
 
-async def test_callback_test_failure_never_shows_the_secret(make_admin: AdminFactory) -> None:
+async def test_callback_test_against_langfuse_keys_and_reachability(
+    make_admin: AdminFactory, fake_langfuse: FakeLangfuse
+) -> None:
     admin = await make_admin()
-    body = json.loads(json.dumps(LANGFUSE))
-    # A port nothing listens on (bound, then closed): the check fails fast with a clear reason.
+    project = fake_langfuse.add_project()
+    good = {
+        "callback_name": "langfuse",
+        "callback_vars": {
+            "langfuse_public_key": project.public_key,
+            "langfuse_secret_key": project.secret_key,
+            "langfuse_host": fake_langfuse.url,
+        },
+    }
+    assert (await admin.client.post("/team/good/callback", json=good, headers=AUTH)).is_success
+    response = await admin.client.post("/team/good/callback/langfuse/test", headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert project.secret_key not in response.text
+
+    wrong = json.loads(json.dumps(good))
+    wrong["callback_vars"]["langfuse_secret_key"] = SECRET
+    await admin.client.post("/team/wrong/callback", json=wrong, headers=AUTH)
+    response = await admin.client.post("/team/wrong/callback/langfuse/test", headers=AUTH)
+    assert_error(response, 400)
+    assert response.json()["error"]["type"] == "callback_check_failed"
+    assert SECRET not in response.text
+
+    # A port nothing listens on (bound, then closed): unreachable, said without the secret.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    body["callback_vars"]["langfuse_host"] = f"http://127.0.0.1:{port}"
-    created = await admin.client.post("/team/t/callback", json=body, headers=AUTH)
-    if created.status_code == 400:
-        # The langfuse sink may refuse private hosts when written; then the check cannot run.
-        assert SECRET not in created.text
-        return
-    response = await admin.client.post("/team/t/callback/langfuse/test", headers=AUTH)
+    down = json.loads(json.dumps(wrong))
+    down["callback_vars"]["langfuse_host"] = f"http://127.0.0.1:{port}"
+    await admin.client.post("/team/down/callback", json=down, headers=AUTH)
+    response = await admin.client.post("/team/down/callback/langfuse/test", headers=AUTH)
     assert_error(response, 400)
     assert SECRET not in response.text
 

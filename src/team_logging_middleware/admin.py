@@ -404,7 +404,14 @@ class AdminAccess:
         param_prefix: str = "callback_vars",
     ) -> CallbackSpec:
         """Normalize an entry with the registry, then apply the env-ref and host policies."""
-        normalized = self.team_logging.registry.normalize(spec, param_prefix=param_prefix)
+        try:
+            normalized = self.team_logging.registry.normalize(spec, param_prefix=param_prefix)
+        except SettingsError as exc:
+            raise _reprefixed(exc, param_prefix) from None
+        except ValueError as exc:
+            # A plugin's validator may raise a plain ValueError; its text could echo a value.
+            detail = _scrub(str(exc), secret_values(spec.callback_vars))
+            raise SettingsError(f"{param_prefix}: {detail}", param=param_prefix) from None
         check_env_refs(
             normalized,
             allowed=self.may_use_env_refs(principal),
@@ -433,6 +440,18 @@ class AdminAccess:
                     f"allowed hosts: {list(patterns)}",
                     param=param,
                 )
+
+
+def _reprefixed(exc: SettingsError, param_prefix: str) -> SettingsError:
+    """Sink validators name vars ``callback_vars.x``; inside key metadata they sit deeper."""
+    base = "callback_vars"
+    if param_prefix == base or not exc.param or not exc.param.startswith(base):
+        return exc
+    param = param_prefix + exc.param[len(base) :]
+    message = exc.message
+    if message.startswith(exc.param):
+        message = param + message[len(exc.param) :]
+    return SettingsError(message, param=param)
 
 
 # -- response models (also the OpenAPI document) ------------------------------------------------
