@@ -19,6 +19,7 @@ from cryptography.fernet import Fernet
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from team_logging_middleware.errors import SettingsError
 from team_logging_middleware.settings import CallbackSpec, TeamSettings, is_secret_var
 from team_logging_middleware.stores import (
     ENCRYPTED_PREFIX,
@@ -40,9 +41,7 @@ PERSISTENT = ["sqlite", "redis"]
 
 
 @pytest.fixture(params=BACKENDS)
-async def make_store(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[StoreFactory]:
+async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StoreFactory]:
     """``await make_store(**options)``: a store of the parametrised backend, closed at teardown.
 
     SQLite and Redis stores made by one test share their file / Redis namespace, like replicas.
@@ -202,6 +201,36 @@ async def test_unusual_team_ids(make_store: StoreFactory, team_id: str) -> None:
     assert await store.list_team_ids() == sorted([team_id, "plain"])
     assert await store.delete_team(team_id) is True
     assert await store.list_team_ids() == ["plain"]
+
+
+async def test_lone_surrogates_round_trip_in_metadata_and_are_bad_input_in_ids(
+    make_store: StoreFactory,
+) -> None:
+    # JSON bodies may carry "\ud800" escapes; Python keeps them as lone surrogates. Pydantic
+    # refuses them in settings, but key metadata is free-form and ids come from the caller.
+    store = await make_store(encryption_key=KEY)
+    odd = _key(
+        metadata={
+            "note": "a\ud800b",
+            "logging": [
+                {"callback_name": "langfuse", "callback_vars": {"langfuse_secret_key": "s\udfffs"}}
+            ],
+        }
+    )
+    await store.put_key(odd)
+    assert await store.get_key(odd.key_hash) == odd
+    # An id no backend can encode is either handled as given or refused as bad input (400),
+    # never a stray UnicodeEncodeError.
+    for call in (
+        lambda: store.get_team("bad\ud800id"),
+        lambda: store.delete_team("bad\ud800id"),
+        lambda: store.get_key("bad\ud800id"),
+        lambda: store.put_key(KeyRecord(key_hash="bad\ud800id", team_id=None)),
+    ):
+        try:
+            await call()
+        except SettingsError as exc:
+            assert exc.param in {"team_id", "key_hash"}
 
 
 async def test_written_settings_cannot_be_mutated_by_the_writer(make_store: StoreFactory) -> None:

@@ -290,9 +290,7 @@ async def test_corrupt_documents_name_the_team_never_the_values(
     conn = sqlite3.connect(db_path)
     conn.execute("UPDATE teams SET document = '{not json' WHERE team_id = 'broken'")
     document = {"team_id": "invalid", "callbacks": SECRET, "cache_ttl_seconds": -5}
-    conn.execute(
-        "UPDATE teams SET document = ? WHERE team_id = 'invalid'", (json.dumps(document),)
-    )
+    conn.execute("UPDATE teams SET document = ? WHERE team_id = 'invalid'", (json.dumps(document),))
     conn.commit()
     conn.close()
     with pytest.raises(StoredDataError, match="team 'broken' are not valid JSON"):
@@ -330,9 +328,7 @@ async def test_two_store_objects_writing_concurrently_lose_nothing(
     assert await b.list_team_ids() == expected
     shared = await a.get_team("shared")
     assert shared is not None
-    assert shared.callbacks[0].callback_vars["langfuse_secret_key"] in {
-        f"s-{n}" for n in range(20)
-    }
+    assert shared.callbacks[0].callback_vars["langfuse_secret_key"] in {f"s-{n}" for n in range(20)}
     key = await b.get_key("a" * 64)
     assert key is not None and key.team_id in {f"k-{n}" for n in range(20)}
 

@@ -46,6 +46,7 @@ __all__ = [
     "SecretDecryptionError",
     "SettingsCodec",
     "StoredDataError",
+    "check_id",
 ]
 
 ENCRYPTED_PREFIX = "enc:v1:"
@@ -210,7 +211,8 @@ class SettingsCodec:
 
     def _seal(self, value: str) -> str:
         if self._fernet is not None:
-            return ENCRYPTED_PREFIX + self._fernet.encrypt(value.encode()).decode("ascii")
+            plain = value.encode("utf-8", "surrogatepass")
+            return ENCRYPTED_PREFIX + self._fernet.encrypt(plain).decode("ascii")
         if value.startswith(_RESERVED_PREFIXES):
             return _ESCAPE_PREFIX + value
         return value
@@ -239,7 +241,8 @@ class SettingsCodec:
         from cryptography.fernet import InvalidToken
 
         try:
-            return self._fernet.decrypt(value[len(ENCRYPTED_PREFIX) :].encode("ascii")).decode()
+            token = value[len(ENCRYPTED_PREFIX) :].encode("ascii")
+            return self._fernet.decrypt(token).decode("utf-8", "surrogatepass")
         except (InvalidToken, UnicodeError):
             raise SecretDecryptionError(
                 f"{where} of {what} cannot be decrypted with the configured encryption_key "
@@ -260,6 +263,15 @@ class SettingsCodec:
         return metadata
 
 
+def check_id(value: str, param: str) -> str:
+    """Refuse an id the backends cannot store (a lone surrogate is not UTF-8) as bad input."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SettingsError(f"{param} is not valid Unicode text", param=param) from None
+    return value
+
+
 def _key_name(key_hash: str) -> str:
     # A key hash is not a secret, but it is long; a prefix is enough to find the row.
     shown = key_hash if len(key_hash) <= 16 else key_hash[:12] + "…"
@@ -267,7 +279,9 @@ def _key_name(key_hash: str) -> str:
 
 
 def _dumps(document: Any) -> str:
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    # ASCII output: any Python string survives, lone surrogates included (the JSON escapes them),
+    # and the document is always valid UTF-8 for the database or Redis.
+    return json.dumps(document, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 
 
 def _loads(data: str | bytes, what: str) -> Any:
@@ -277,9 +291,7 @@ def _loads(data: str | bytes, what: str) -> Any:
         raise StoredDataError(f"stored settings of {what} are not valid JSON") from None
 
 
-def _validate(
-    validate: Callable[[Any], TeamSettings], document: Any, what: str
-) -> TeamSettings:
+def _validate(validate: Callable[[Any], TeamSettings], document: Any, what: str) -> TeamSettings:
     try:
         return validate(document)
     except ValidationError as exc:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import MissingDependencyError, StoreUnavailableError
 from ..settings import TeamSettings
-from ._codec import EncryptionKey, SettingsCodec
+from ._codec import EncryptionKey, SettingsCodec, check_id
 from .base import ChangeListener, KeyRecord
 
 if TYPE_CHECKING:
@@ -142,11 +142,12 @@ class RedisSettingsStore:
     # -- the SettingsStore protocol -----------------------------------------------------------
 
     async def get_team(self, team_id: str) -> TeamSettings | None:
+        check_id(team_id, "team_id")
         data = await self._call(self._client.get(self._team_key(team_id)), "reading a team")
         return None if data is None else self._codec.load_team(data, team_id=team_id)
 
     async def put_team(self, settings: TeamSettings) -> None:
-        team_id = settings.team_id
+        team_id = check_id(settings.team_id, "team_id")
         document = self._codec.dump_team(settings)
         pipe = self._client.pipeline(transaction=True)
         pipe.set(self._team_key(team_id), document)
@@ -156,6 +157,7 @@ class RedisSettingsStore:
         self._notify(team_id)
 
     async def delete_team(self, team_id: str) -> bool:
+        check_id(team_id, "team_id")
         pipe = self._client.pipeline(transaction=True)
         pipe.delete(self._team_key(team_id))
         pipe.srem(self._teams_key, team_id)
@@ -173,10 +175,14 @@ class RedisSettingsStore:
         return sorted(_text(member) for member in members)
 
     async def get_key(self, key_hash: str) -> KeyRecord | None:
+        check_id(key_hash, "key_hash")
         data = await self._call(self._client.get(self._key_key(key_hash)), "reading a key")
         return None if data is None else self._codec.load_key(data, key_hash=key_hash)
 
     async def put_key(self, key: KeyRecord) -> None:
+        check_id(key.key_hash, "key_hash")
+        if key.team_id is not None:
+            check_id(key.team_id, "team_id")
         changed = key.team_id if key.team_id is not None else "*"
         document = self._codec.dump_key(key)
         pipe = self._client.pipeline(transaction=True)

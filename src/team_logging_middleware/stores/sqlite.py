@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 from ..errors import StoreUnavailableError
 from ..settings import TeamSettings
-from ._codec import EncryptionKey, SettingsCodec
+from ._codec import EncryptionKey, SettingsCodec, check_id
 from .base import ChangeListener, KeyRecord
 
 logger = logging.getLogger("team_logging_middleware.stores")
@@ -170,6 +170,8 @@ class SQLiteSettingsStore:
     # -- the SettingsStore protocol -----------------------------------------------------------
 
     async def get_team(self, team_id: str) -> TeamSettings | None:
+        check_id(team_id, "team_id")
+
         def read(conn: sqlite3.Connection) -> TeamSettings | None:
             row = conn.execute(
                 "SELECT document FROM teams WHERE team_id = ?", (team_id,)
@@ -179,7 +181,7 @@ class SQLiteSettingsStore:
         return await self._run(read, f"reading team {team_id!r}")
 
     async def put_team(self, settings: TeamSettings) -> None:
-        team_id = settings.team_id
+        team_id = check_id(settings.team_id, "team_id")
         # Serialise (and encrypt) on the loop: the settings object is the caller's and must not
         # be read from another thread while the caller may be changing it.
         document = self._codec.dump_team(settings)
@@ -195,6 +197,8 @@ class SQLiteSettingsStore:
         self._notify(team_id)
 
     async def delete_team(self, team_id: str) -> bool:
+        check_id(team_id, "team_id")
+
         def write(conn: sqlite3.Connection) -> bool:
             deleted = conn.execute("DELETE FROM teams WHERE team_id = ?", (team_id,)).rowcount > 0
             self._log_change(conn, team_id)
@@ -217,6 +221,8 @@ class SQLiteSettingsStore:
         return await self._run(read, "listing teams")
 
     async def get_key(self, key_hash: str) -> KeyRecord | None:
+        check_id(key_hash, "key_hash")
+
         def read(conn: sqlite3.Connection) -> KeyRecord | None:
             row = conn.execute(
                 "SELECT team_id, key_alias, user_id, metadata, created_at FROM keys"
@@ -237,6 +243,10 @@ class SQLiteSettingsStore:
         return await self._run(read, "reading a key")
 
     async def put_key(self, key: KeyRecord) -> None:
+        for name in ("key_hash", "team_id", "key_alias", "user_id"):
+            value = getattr(key, name)
+            if value is not None:
+                check_id(value, name)
         metadata = self._codec.dump_metadata(key.metadata)
         values = (key.key_hash, key.team_id, key.key_alias, key.user_id, metadata, key.created_at)
         changed = key.team_id if key.team_id is not None else "*"
@@ -434,9 +444,7 @@ class SQLiteSettingsStore:
     def _unavailable(self, exc: sqlite3.Error, action: str) -> StoreUnavailableError:
         # sqlite3 messages name tables and columns, never bound values, so they are safe to show.
         detail = str(exc)
-        if isinstance(exc, sqlite3.OperationalError) and (
-            "locked" in detail or "busy" in detail
-        ):
+        if isinstance(exc, sqlite3.OperationalError) and ("locked" in detail or "busy" in detail):
             return StoreUnavailableError(
                 f"the SQLite settings store {self._path!r} stayed locked by another writer for "
                 f"longer than busy_timeout={self._busy_timeout}s while {action}; retry"
