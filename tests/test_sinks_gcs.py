@@ -380,3 +380,53 @@ except MissingDependencyError as exc:
         "the gcs_bucket destination needs an optional dependency: "
         'pip install "team-logging-middleware[gcs]"'
     )
+
+
+# ---- through the dispatcher --------------------------------------------------------------------
+
+
+async def test_end_to_end_through_the_dispatcher(gcs_server: GcsServer) -> None:
+    from team_logging_middleware._types import Destination
+    from team_logging_middleware.dispatcher import Dispatcher
+    from team_logging_middleware.sinks import default_registry
+
+    bucket1, bucket2 = gcs_server.new_bucket(), gcs_server.new_bucket()
+    spec1 = CallbackSpec(
+        callback_name="gcs_bucket",
+        callback_vars={"gcs_bucket_name": bucket1, "gcs_path_prefix": "llm"},
+    )
+    spec2 = CallbackSpec(
+        callback_name="gcs_bucket", callback_vars={"gcs_bucket_name": "os.environ/GCS_TEAM2"}
+    )
+    dispatcher = Dispatcher(
+        default_registry(), flush_interval=0.05, emit_timeout=5.0, environ={"GCS_TEAM2": bucket2}
+    )
+    await dispatcher.start()
+    try:
+        to1 = [Destination(spec1, "team", spec1.identity())]
+        to2 = [Destination(spec2, "key", spec2.identity())]
+        for i in range(3):
+            assert dispatcher.submit_record(make_record(request_id=f"one-{i}"), to1)
+        assert dispatcher.submit_record(make_record(request_id="two-0", team_id="team-2"), to2)
+        report = await dispatcher.flush(15.0)
+        assert (report.delivered, report.dropped, report.timed_out) == (4, 0, False)
+
+        await dispatcher.check(spec1, "team-1")
+        missing = CallbackSpec(
+            callback_name="gcs_bucket", callback_vars={"gcs_bucket_name": "absent-bucket-tlm"}
+        )
+        with pytest.raises(SinkError, match="bucket absent-bucket-tlm not found"):
+            await dispatcher.check(missing, "team-1")
+    finally:
+        await dispatcher.stop(10.0)
+
+    ids1 = [
+        line["request_id"]
+        for name in gcs_server.list_objects(bucket1)
+        for line in read_ndjson(gcs_server, bucket1, name)
+    ]
+    assert sorted(ids1) == ["one-0", "one-1", "one-2"]
+    assert all(n.startswith("llm/team-1/") for n in gcs_server.list_objects(bucket1))
+    (only,) = gcs_server.list_objects(bucket2)
+    assert only.startswith("team-2/")
+    assert [r["request_id"] for r in read_ndjson(gcs_server, bucket2, only)] == ["two-0"]

@@ -742,3 +742,71 @@ except MissingDependencyError as exc:
         "the otel destination needs an optional dependency: "
         'pip install "team-logging-middleware[otel]"'
     )
+
+
+# ---- through the dispatcher --------------------------------------------------------------------
+
+
+async def test_end_to_end_through_the_dispatcher(
+    otlp_receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from team_logging_middleware._types import Destination
+    from team_logging_middleware.dispatcher import Dispatcher
+    from team_logging_middleware.sinks import default_registry
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-operator-token=SECRET-OPERATOR")
+    otlp_receiver.require_header("authorization", "Bearer one", tenant="e2e1")
+    otlp_receiver.require_header("x-team-key", "two", tenant="grpc")
+    team1 = CallbackSpec(
+        callback_name="otel",
+        callback_type="success_and_failure",
+        callback_vars={
+            "otel_endpoint": otlp_receiver.endpoint("e2e1"),
+            "otel_headers": "authorization=Bearer one",
+        },
+    )
+    team2 = CallbackSpec(
+        callback_name="otel",
+        callback_vars={
+            "otel_endpoint": "http://" + otlp_receiver.grpc_target,
+            "otel_protocol": "grpc",
+            "otel_headers": "os.environ/OTEL_TEAM2_HEADERS",
+        },
+    )
+    dispatcher = Dispatcher(
+        default_registry(),
+        flush_interval=0.05,
+        emit_timeout=5.0,
+        environ={"OTEL_TEAM2_HEADERS": "X-Team-Key=two"},
+    )
+    await dispatcher.start()
+    try:
+        to1 = [Destination(team1, "team", team1.identity())]
+        to2 = [Destination(team2, "team", team2.identity())]
+        assert dispatcher.submit_record(make_record(request_id="d1"), to1)
+        assert dispatcher.submit_record(
+            make_record(request_id="d2", outcome="exception", error="boom"), to1
+        )
+        assert dispatcher.submit_record(make_record(request_id="d3", team_id="team-2"), to2)
+        report = await dispatcher.flush(15.0)
+        assert (report.delivered, report.dropped, report.timed_out) == (3, 0, False)
+
+        await dispatcher.check(team1, "team-1")
+        wrong = team1.model_copy(
+            update={"callback_vars": {**team1.callback_vars, "otel_headers": "authorization=no"}}
+        )
+        with pytest.raises(SinkError, match="HTTP 401"):
+            await dispatcher.check(wrong, "team-1")
+    finally:
+        await dispatcher.stop(10.0)
+
+    spans1 = otlp_receiver.spans("e2e1")
+    assert sorted(
+        s.attributes["team_logging.request_id"]
+        for s in spans1
+        if s.name != otel.CONNECTION_TEST_SPAN
+    ) == ["d1", "d2"]
+    assert [s.attributes["team_logging.request_id"] for s in otlp_receiver.spans("grpc")] == ["d3"]
+    for request in otlp_receiver.requests + otlp_receiver.refused:
+        assert "x-operator-token" not in request.headers
+    assert "Bearer one" not in json.dumps(dispatcher.stats(), default=str)

@@ -350,7 +350,11 @@ class GcsBucketSink:
         self._prefix = normalize_prefix(prefix)
         self._team_id = team_id
         self._service_account_path = service_account_path or None
+        # The dispatcher bounds every emit by the context's timeout: each HTTP request gets a
+        # share of it, and the wait for the pool a little less than all of it, so failures carry
+        # this sink's reason rather than an outer timeout.
         self._timeout = max(float(timeout), 0.1)
+        self._request_timeout = self._timeout * 0.6
         self._suffix = suffix
         self._client: Any = None
         self._client_lock = threading.Lock()
@@ -387,7 +391,7 @@ class GcsBucketSink:
                         body,
                         content_type=CONTENT_TYPE,
                         if_generation_match=0,  # create only: never replace an object
-                        timeout=self._timeout,
+                        timeout=self._request_timeout,
                         retry=None,  # the dispatcher owns retries and their backoff
                     )
                     return name
@@ -405,9 +409,7 @@ class GcsBucketSink:
         start = batch[0].start_time
         await run_blocking(
             functools.partial(self._upload, body, team, start),
-            # One upload plus the client's set-up (default credentials may probe the metadata
-            # server) and at most NAME_ATTEMPTS - 1 collisions.
-            timeout=self._timeout * 2 + 1.0,
+            timeout=self._timeout * 0.95,
             what="GCS upload",
         )
 
@@ -417,11 +419,11 @@ class GcsBucketSink:
             gex = _google().exceptions
             try:
                 granted = bucket.test_iam_permissions(
-                    ["storage.objects.create"], timeout=self._timeout, retry=None
+                    ["storage.objects.create"], timeout=self._request_timeout, retry=None
                 )
             except gex.NotFound:
                 # A missing bucket, or a server without testIamPermissions (emulators).
-                if not bucket.exists(timeout=self._timeout, retry=None):
+                if not bucket.exists(timeout=self._request_timeout, retry=None):
                     raise
                 return
             if "storage.objects.create" not in granted:
@@ -433,7 +435,7 @@ class GcsBucketSink:
 
     async def check(self) -> None:
         """The bucket exists and these credentials may create objects in it."""
-        await run_blocking(self._check, timeout=self._timeout * 2 + 1.0, what="GCS bucket check")
+        await run_blocking(self._check, timeout=self._timeout * 0.95, what="GCS bucket check")
 
     async def aclose(self) -> None:
         # The client is shared by every destination with the same credentials; nothing to close.

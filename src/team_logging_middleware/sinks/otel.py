@@ -825,8 +825,11 @@ def _backend(protocol: str) -> _Backend:
 # The sink.
 # --------------------------------------------------------------------------------------------
 
-# Beyond the exporter's own deadline: the pre-export DNS check and a connection retry.
-_GRACE_SECONDS = 2.0
+# The dispatcher bounds every emit by the context's timeout. The exporter gets a shorter deadline
+# of its own (its internal retries and backoff stop there), and the wait for the pool a slightly
+# shorter one, so a failure is reported with this sink's reason rather than as an outer timeout.
+EXPORT_SHARE = 0.7
+WAIT_SHARE = 0.95
 
 
 class OtelSink:
@@ -842,7 +845,9 @@ class OtelSink:
         self._timeout = max(float(timeout), 0.1)
         self._backend = _backend(target.protocol)
         self._answers = threading.local()
-        self._exporter = self._backend.make_exporter(target, self._timeout, self._answers)
+        self._exporter = self._backend.make_exporter(
+            target, self._timeout * EXPORT_SHARE, self._answers
+        )
         self._resource = self._backend.resource({"service.name": target.service_name})
         self._closed = False
 
@@ -918,7 +923,7 @@ class OtelSink:
         spans = [self._span(record) for record in batch]
         await run_blocking(
             functools.partial(self._export, spans),
-            timeout=self._timeout + _GRACE_SECONDS,
+            timeout=self._timeout * WAIT_SHARE,
             what="OTLP export",
         )
 
@@ -942,7 +947,7 @@ class OtelSink:
         )
         await run_blocking(
             functools.partial(self._export, [span]),
-            timeout=self._timeout + _GRACE_SECONDS,
+            timeout=self._timeout * WAIT_SHARE,
             what="OTLP connection test",
         )
 
