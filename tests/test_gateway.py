@@ -16,7 +16,12 @@ from typing import Any
 import httpx
 import pytest
 from cryptography.fernet import Fernet
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
+from team_logging_middleware.sinks import unregister_callback
 from tests.fixtures.servers import run_uvicorn_async
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -538,3 +543,61 @@ async def test_unreachable_upstream_is_a_502(start_gateway: StartGateway) -> Non
         "/v1/chat/completions", json={"model": "m", "messages": []}, headers=headers
     )
     openai_error_shape(response, 502)
+
+
+# -- the custom callback example --------------------------------------------------------------
+
+
+def load_custom_sink() -> ModuleType:
+    name = "team_logging_example_custom_sink"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / "custom_sink.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+async def test_custom_webhook_callback(start_gateway: StartGateway) -> None:
+    received: list[tuple[str | None, dict[str, Any]]] = []
+
+    async def hook(request: Request) -> Response:
+        received.append((request.headers.get("authorization"), await request.json()))
+        return JSONResponse({"ok": True})
+
+    receiver = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+    custom = load_custom_sink()
+    custom.install()  # process-wide: the gateway built next includes it
+    try:
+        gateway = await start_gateway()
+    finally:
+        unregister_callback("webhook")
+    async with run_uvicorn_async(receiver) as hook_url:
+        token = "hook-token-0123456789"
+        callback = {
+            "callback_name": "webhook",
+            "callback_type": "success_and_failure",
+            "callback_vars": {"webhook_url": f"{hook_url}/hook", "webhook_token": token},
+        }
+        response = await gateway.client.post("/team/t/callback", json=callback, headers=AUTH)
+        assert response.status_code == 200, response.text
+        assert token not in response.text
+        bad = {"callback_name": "webhook", "callback_vars": {}}
+        response = await gateway.client.post("/team/t/callback", json=bad, headers=AUTH)
+        assert response.status_code == 400
+        assert response.json()["error"]["param"] == "callback_vars.webhook_url"
+        key = await gateway.key("t", key_alias="hooked")
+        response = await gateway.client.post(
+            "/v1/chat/completions",
+            json={"model": "gpt-4", "messages": [{"role": "user", "content": "to the hook"}]},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert response.status_code == 200
+        await gateway.flush()
+    assert len(received) == 1
+    authorization, record = received[0]
+    assert authorization == f"Bearer {token}"
+    assert record["output"] == "You said: to the hook"
+    assert record["key_alias"] == "hooked" and record["team_id"] == "t"
