@@ -316,7 +316,7 @@ def _otel_app(gateway: Gateway) -> ASGIApp:
         SpanExportResult,
     )
 
-    class NoopExporter(SpanExporter):  # type: ignore[misc]
+    class NoopExporter(SpanExporter):
         """Accepts and discards spans: the cost measured is instrumentation + processor only."""
 
         exported = 0

@@ -22,7 +22,7 @@ import gc
 import io
 import pstats
 import time
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 from bench.app import CHAT_PATH, REQUEST_BODIES, VARIANTS, build_app
@@ -75,7 +75,7 @@ async def measure(
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": body, "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         return None
 
     # Warm caches (resolver, plan, lanes) before measuring.

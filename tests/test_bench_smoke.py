@@ -288,6 +288,11 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     assert 5 < soak["rss_start_mb"] < 2_000 and 5 < soak["rss_end_mb"] < 2_000
     assert soak["series"][0]["requests"] == 0 and soak["series"][-1]["requests"] == soak["requests"]
 
+    # Every span our Langfuse servers reported sent reached the fake Langfuse, and was decoded.
+    delivery = report["langfuse_delivery"]
+    assert delivery["sent_by_servers"] > 0
+    assert delivery["received_by_fake"] == delivery["sent_by_servers"]
+
     disp = report["dispatcher"]
     assert disp is not None and disp["sent"] > 0 and disp["records_per_cpu_second"] > 0
 
