@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from team_logging_middleware import dispatcher as dispatcher_module
 from team_logging_middleware._types import Destination, Plan
 from team_logging_middleware.dispatcher import Dispatcher, FlushReport
 from team_logging_middleware.errors import SinkError
@@ -845,8 +846,24 @@ async def test_check_scrubs_secrets_and_times_out(
     assert timed_out.value.retryable
 
 
+async def test_counters_of_idle_destinations_are_folded_beyond_the_tracking_bound(
+    make_dispatcher: MakeDispatcher, memory: MemorySink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dispatcher_module, "_MAX_TRACKED_DESTINATIONS", 5)
+    d = await make_dispatcher(max_live_sinks=2)
+    for n in range(8):
+        d.submit_record(rec(n), [dest(f"d{n}")])
+        await d.flush(timeout=5)
+    stats = d.stats()
+    assert len(stats["destinations"]) == 5
+    assert stats["retired"]["destinations"] == 3
+    assert stats["retired"]["sent"] + sum(e["sent"] for e in stats["destinations"].values()) == 8
+
+
 def test_invalid_options_are_refused() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         Dispatcher(SinkRegistry(), batch_size=0)
     with pytest.raises(ValueError, match="flush_interval"):
         Dispatcher(SinkRegistry(), flush_interval=-1)
+    with pytest.raises(ValueError, match="emit_timeout"):
+        Dispatcher(SinkRegistry(), emit_timeout=0)

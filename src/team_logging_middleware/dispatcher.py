@@ -229,9 +229,10 @@ class Dispatcher:
         ):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if emit_timeout <= 0:
+            raise ValueError("emit_timeout must be positive")
         for name, fvalue in (
             ("flush_interval", flush_interval),
-            ("emit_timeout", emit_timeout),
             ("backoff_base", backoff_base),
             ("backoff_max", backoff_max),
         ):
@@ -255,6 +256,9 @@ class Dispatcher:
         self._owns_client = False
         self._decode = decode
         self._timer = timer
+        # A private generator: jitter must not consume (or depend on) the application's seeded
+        # global random state.
+        self._random = random.Random()
 
         self._state: _State = "new"
         self._intake: deque[tuple[Exchange | _RecordItem, int]] = deque()
@@ -436,6 +440,10 @@ class Dispatcher:
         finally:
             self._state = "stopped"
             self._accepting = False
+            if not self._closing:  # stop() itself was cancelled: leave no task behind
+                self._closing = True
+                for task in list(self._tasks):
+                    task.cancel()
             if self._stop_report is None:
                 self._stop_report = FlushReport(0, 0, self._pending(), True)
             self._stopped.set()
@@ -473,7 +481,7 @@ class Dispatcher:
             "lane_bytes": self._lane_bytes,
             "dropped_queue_full": self._dropped_queue_full,
             "dropped_not_running": self._dropped_not_running,
-            "decode_errors": self._decode_errors,
+            "decode_errors": self._decode_errors,  # exchanges that could not be decoded/routed
             "abandoned_exchanges": self._abandoned_exchanges,
             "sent": self._sent_total,
             "lost": self._lost_total,
@@ -566,6 +574,7 @@ class Dispatcher:
             try:
                 self._route(item, size)
             except Exception as exc:  # a bug here must not stop delivery of everything else
+                self._decode_errors += 1
                 logger.error("could not route a log record: %s", type(exc).__name__)
             self._processed += 1
             self._notify_progress()
@@ -866,7 +875,7 @@ class Dispatcher:
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         delay = min(self._backoff_max, self._backoff_base * 2.0 ** (attempt - 1))
-        delay *= random.uniform(0.5, 1.0)  # jitter: replicas that failed together spread out
+        delay *= self._random.uniform(0.5, 1.0)  # jitter: replicas that failed together spread
         if retry_after is not None and retry_after > delay:
             delay = retry_after
         return min(delay, self._backoff_max)
