@@ -16,13 +16,15 @@ import jsonschema_rs
 import pytest
 from starlette.requests import Request
 
-from team_logging_middleware._types import Caller
+from team_logging_middleware._types import Caller, Destination
 from team_logging_middleware.admin import Principal, create_admin_app
 from team_logging_middleware.config import StaticConfig
 from team_logging_middleware.errors import StoreUnavailableError
+from team_logging_middleware.records import LogRecord
 from team_logging_middleware.runtime import TeamLogging
-from team_logging_middleware.settings import TeamSettings
-from team_logging_middleware.sinks import default_registry
+from team_logging_middleware.settings import MAX_CALLBACKS, CallbackSpec, TeamSettings
+from team_logging_middleware.sinks import CustomLogger, default_registry
+from team_logging_middleware.sinks.custom import custom_sink_type
 from team_logging_middleware.stores.memory import MemorySettingsStore
 from tests.fixtures.fake_langfuse import FakeLangfuse
 
@@ -977,6 +979,64 @@ async def test_health_needs_credentials_and_scopes_delegated_view(
     assert delegated["destinations"] == []
     live = await admin.client.get("/health/liveness")
     assert live.status_code == 200 and live.json() == {"status": "ok"}
+
+
+async def test_delegated_health_shows_only_its_own_destinations(
+    make_admin: AdminFactory,
+) -> None:
+    admin = await make_admin(authorize=team_admin_hook({"alice": {"a"}}))
+    shared = CallbackSpec(callback_name="jsonl", callback_vars={"jsonl_path": "shared.jsonl"})
+    for team_id in ("a", "b"):
+        own = CallbackSpec(callback_name="jsonl", callback_vars={"jsonl_path": f"{team_id}.jsonl"})
+        record = LogRecord(
+            request_id=f"req-{team_id}",
+            team_id=team_id,
+            key_alias=None,
+            user_id=None,
+            route="/v1/chat/completions",
+            method="POST",
+            call_type="chat.completions",
+            outcome="ok",
+            status_code=200,
+            start_time=0.0,
+            end_time=1.0,
+        )
+        destinations = [
+            Destination(own, "team", own.identity()),
+            Destination(shared, "default", shared.identity()),
+        ]
+        assert admin.tl.dispatcher.submit_record(record, destinations)
+    assert not (await admin.tl.dispatcher.flush(10)).timed_out
+    full = (await admin.client.get("/health", headers=AUTH)).json()
+    assert len(full["dispatcher"]["destinations"]) == 3
+    view = (await admin.client.get("/health", headers={"Authorization": "Bearer alice"})).json()
+    # Only the destination that serves team "a" alone; the shared one describes team "b" too.
+    assert [d["team_ids"] for d in view["destinations"]] == [["a"]]
+    assert view["destinations"][0]["sent"] == 1
+    assert "b.jsonl" not in json.dumps(view) and '"b"' not in json.dumps(view)
+
+
+async def test_409_when_a_team_has_the_most_callbacks(make_admin: AdminFactory) -> None:
+    admin = await make_admin()
+    # Entries are unique per (name, type): enough sink types are needed to reach the bound.
+    names = [f"custom{i}" for i in range(MAX_CALLBACKS // 3 + 1)]
+    for name in names:
+        admin.tl.registry.register(custom_sink_type(name, CustomLogger()))
+    count = 0
+    for name in names:
+        for callback_type in ("success", "failure", "success_and_failure"):
+            body = {"callback_name": name, "callback_type": callback_type}
+            response = await admin.client.post("/team/t/callback", json=body, headers=AUTH)
+            if count < MAX_CALLBACKS:
+                assert response.status_code == 200, response.text
+            else:
+                assert_error(response, 409, "callback_name")
+            count += 1
+    stored = await admin.tl.store.get_team("t")
+    assert stored is not None and len(stored.callbacks) == MAX_CALLBACKS
+    # Replacing an existing entry is still possible at the bound.
+    body = {"callback_name": names[0], "callback_type": "success"}
+    assert (await admin.client.post("/team/t/callback", json=body, headers=AUTH)).is_success
 
 
 async def test_openapi_document_describes_routes_and_responses(make_admin: AdminFactory) -> None:

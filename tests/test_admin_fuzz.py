@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import jsonschema_rs
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -25,6 +26,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from schemathesis.specs.openapi.definitions import OPENAPI_31
 from starlette.applications import Starlette
 
 from team_logging_middleware.admin import create_admin_app
@@ -188,3 +190,13 @@ def test_deeply_nested_bodies_never_500(client: httpx.Client, depth: int, kind: 
     response = client.post("/team/fuzz/callback", content=body, headers=AUTH)
     assert response.status_code in (400, 413, 422), response.text
     assert_error_shape(response)
+
+
+def test_openapi_document_is_valid_openapi_3_1(client: httpx.Client) -> None:
+    """The served document validates against the OpenAPI 3.1 schema (the OAI's own)."""
+    document = client.get("/openapi.json").json()
+    validator = jsonschema_rs.validator_for(OPENAPI_31)
+    errors = [error.message for error in validator.iter_errors(document)]
+    assert errors == []
+    # The validator does catch a broken document.
+    assert not validator.is_valid({**document, "paths": {"no-leading-slash": {}}})
