@@ -59,6 +59,7 @@ from team_logging_middleware.admin import (
     create_admin_app,
     error_response,
     read_json_body,
+    unexpected_error_response,
     validation_error,
 )
 from team_logging_middleware.config import StaticConfig
@@ -682,8 +683,7 @@ def create_gateway(settings: GatewaySettings) -> Gateway:
                     type="store_unavailable",
                 )
             except Exception as exc:
-                logger.exception("%s failed: %s", request.url.path, type(exc).__name__)
-                return error_response(500, "internal error", type="internal_error")
+                return unexpected_error_response(exc, where=request.url.path)
 
         return wrapped
 

@@ -888,6 +888,8 @@ async def test_unexpected_error_is_a_bare_500(
     assert message == "internal error"
     assert SECRET not in response.text
     assert "RuntimeError" in caplog.text
+    assert "test_admin.py" in caplog.text  # where it came from
+    assert SECRET not in caplog.text
 
 
 async def test_rejected_writes_leave_the_store_exactly_as_it_was(make_admin: AdminFactory) -> None:

@@ -31,9 +31,11 @@ import hashlib
 import hmac
 import json
 import logging
+import traceback
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
@@ -69,9 +71,12 @@ __all__ = [
     "AdminError",
     "AuthorizeHook",
     "Principal",
+    "build_openapi",
     "create_admin_app",
     "error_response",
     "read_json_body",
+    "unexpected_error_response",
+    "validation_error",
 ]
 
 logger = logging.getLogger("team_logging_middleware.admin")
@@ -651,6 +656,26 @@ def _scrub(message: str, secrets: Iterable[str]) -> str:
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
+def unexpected_error_response(exc: BaseException, *, where: str, debug: bool = False) -> Response:
+    """Log an unexpected error safely and answer the bare 500 of the one error shape.
+
+    The log line has the exception type and the code location it came from, not the message
+    (which may carry a settings value or a credential); ``debug`` adds the full traceback to the
+    log and the type to the answer.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    origin = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+    logger.error(
+        "%s failed: %s at %s",
+        where,
+        type(exc).__name__,
+        origin,
+        exc_info=exc if debug else None,
+    )
+    detail = f" ({type(exc).__name__})" if debug else ""
+    return error_response(500, f"internal error{detail}", type="internal_error")
+
+
 def _guard(debug: bool) -> Callable[[Endpoint], Endpoint]:
     """Turn every failure of an endpoint into the one error shape (never a bare 500 page)."""
 
@@ -672,20 +697,19 @@ def _guard(debug: bool) -> Callable[[Endpoint], Endpoint]:
                 logger.warning(
                     "settings store unavailable during %s %s", request.method, endpoint.__name__
                 )
+                reading = request.method in ("GET", "HEAD")
                 return error_response(
                     503,
-                    "the settings store is unavailable; the change was NOT applied, retry later",
+                    "the settings store is unavailable; retry later"
+                    if reading
+                    else "the settings store is unavailable; the change was NOT applied, "
+                    "retry later",
                     type="store_unavailable",
                 )
             except HTTPException as exc:
                 return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
             except Exception as exc:
-                # Only the type is logged and (in debug) returned: messages may carry values.
-                logger.exception(
-                    "admin endpoint %s failed: %s", endpoint.__name__, type(exc).__name__
-                )
-                detail = f" ({type(exc).__name__})" if debug else ""
-                return error_response(500, f"internal error{detail}", type="internal_error")
+                return unexpected_error_response(exc, where=endpoint.__name__, debug=debug)
 
         return guarded
 
