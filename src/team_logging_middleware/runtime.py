@@ -44,7 +44,8 @@ class TeamLogging:
         registry: sink types; default :func:`default_registry` (jsonl, langfuse, otel,
             gcs_bucket and registered custom callbacks).
         env_allowlist: glob patterns of environment variable names that ``os.environ/`` references
-            written through the admin API may name.
+            written through the admin API may name; default the config file's
+            ``team_logging.env_allowlist``, else ``LANGFUSE_*``, ``OTEL_*``, ``GCS_*``.
         dispatcher_options: keyword arguments for the :class:`Dispatcher` built when none is given.
     """
 
@@ -59,7 +60,7 @@ class TeamLogging:
         planner: Planner | None = None,
         resolver_ttl: float = 60.0,
         plan_ttl: float = 30.0,
-        env_allowlist: Iterable[str] = DEFAULT_ENV_ALLOWLIST,
+        env_allowlist: Iterable[str] | None = None,
         jsonl_dir: str | os.PathLike[str] | None = None,
         dispatcher_options: Mapping[str, Any] | None = None,
         shutdown_timeout: float = 10.0,
@@ -89,6 +90,8 @@ class TeamLogging:
             if dispatcher is not None
             else Dispatcher(self.registry, **dict(dispatcher_options or {}))
         )
+        if env_allowlist is None:
+            env_allowlist = self.config.env_allowlist or DEFAULT_ENV_ALLOWLIST
         self.env_allowlist: tuple[str, ...] = tuple(env_allowlist)
         self.shutdown_timeout = shutdown_timeout
         self._own_store = own_store
