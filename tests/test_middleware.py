@@ -1000,3 +1000,67 @@ async def test_real_uvicorn_head_binary_and_unlogged_routes() -> None:
     assert b"".join(post.response_chunks) == bytes(range(256))
     for exchange in exchanges:
         assert decode_exchange(exchange).status_code == 200
+
+
+async def test_default_runtime_end_to_end_through_uvicorn(tmp_path: Any) -> None:
+    """No runtime passed: the middleware builds TeamLogging (planner, dispatcher, sinks)."""
+    from team_logging_middleware.resolver import bearer_token
+    from team_logging_middleware.runtime import TeamLogging
+    from team_logging_middleware.settings import TeamSettings
+    from team_logging_middleware.stores.memory import MemorySettingsStore
+
+    keys = {"key-a": Caller(team_id="team-a", key_alias="a"), "key-b": Caller(team_id="team-b")}
+
+    async def resolve(scope: Any) -> Caller | None:
+        return keys.get(bearer_token(scope) or "")
+
+    store = MemorySettingsStore()
+    for team, mode in (("team-a", "full"), ("team-b", "metadata_only")):
+        spec = CallbackSpec(callback_name="jsonl", callback_vars={"jsonl_path": f"{team}.jsonl"})
+        await store.put_team(TeamSettings(team_id=team, callbacks=[spec], message_logging=mode))
+    await store.put_team(TeamSettings(team_id="team-c", logging_enabled=False))
+
+    async def chat(request: Request) -> Response:
+        body = await request.json()
+        answer = "echo:" + body["messages"][-1]["content"]
+        return JSONResponse(
+            {
+                "id": "chatcmpl-e2e",
+                "model": body["model"],
+                "choices": [{"index": 0, "message": {"content": answer}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+            }
+        )
+
+    gateway = TeamLoggingMiddleware(
+        Starlette(routes=[Route(CHAT, chat, methods=["POST"])]),
+        resolver=resolve,
+        store=store,
+        jsonl_dir=tmp_path,
+        dispatcher_options={"flush_interval": 0.01},
+    )
+    assert isinstance(gateway.team_logging, TeamLogging)
+    async with run_uvicorn_async(gateway) as base_url:
+        client = httpx.AsyncClient(base_url=base_url, timeout=10)
+        async with client:
+            for token in ("key-a", "key-b", "key-c", "unknown"):
+                response = await client.post(
+                    CHAT,
+                    json={"model": "gpt-4o", "messages": [{"role": "user", "content": token}]},
+                    headers={"authorization": f"Bearer {token}", "x-request-id": f"id-{token}"},
+                )
+                assert response.json()["choices"][0]["message"]["content"] == f"echo:{token}"
+    # the lifespan shutdown flushed delivery before uvicorn exited
+    files = sorted(p.name for p in tmp_path.rglob("*.jsonl"))
+    assert files == ["team-a.jsonl", "team-b.jsonl"]
+    (record_a,) = [
+        json.loads(line) for line in (tmp_path / "team-a.jsonl").read_text().splitlines()
+    ]
+    (record_b,) = [
+        json.loads(line) for line in (tmp_path / "team-b.jsonl").read_text().splitlines()
+    ]
+    assert record_a["request_id"] == "id-key-a" and record_a["team_id"] == "team-a"
+    assert record_a["output"] == "echo:key-a" and record_a["key_alias"] == "a"
+    assert record_a["usage"]["total_tokens"] == 5
+    assert record_b["request_id"] == "id-key-b" and record_b["redacted"] is True
+    assert "key-b" not in json.dumps([record_b["messages"], record_b["output"]])
