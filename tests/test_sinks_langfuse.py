@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from team_logging_middleware.errors import SettingsError, SinkError
 from team_logging_middleware.records import REDACTED, LogRecord, Usage
 from team_logging_middleware.settings import CallbackSpec
+from team_logging_middleware.sinks import PartialBatchError
 from team_logging_middleware.sinks.base import CheckableSink, Sink, SinkContext, SinkRegistry
 from team_logging_middleware.sinks.langfuse import (
     DEFAULT_HOST,
@@ -667,6 +668,7 @@ async def test_rejected_spans_are_a_non_retryable_reason_after_every_part_was_se
     fake_langfuse.set_partial_success(2, "span too large", times=1)
     batch = [make_record(request_id=f"r{i}") for i in range(4)]
     error = await emit_error(sink, batch)
+    assert isinstance(error, PartialBatchError) and error.failed == 2
     assert not error.retryable
     assert error.reason == (
         f"langfuse host {fake_langfuse.url} rejected 2 of 4 spans: span too large"

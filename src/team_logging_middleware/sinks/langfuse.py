@@ -57,6 +57,7 @@ from .._otlp import (
 from ..errors import SettingsError, SinkError
 from ..records import REDACTED, LogRecord
 from .base import SinkContext, SinkType
+from .custom import PartialBatchError
 
 __all__ = [
     "DEFAULT_HOST",
@@ -462,7 +463,9 @@ class LangfuseSink:
     larger than ``max_request_bytes`` (before compression, so every request stays below it
     after compression too). It raises :class:`SinkError`: retryable for 408/429/5xx-gateway
     statuses, connection errors and timeouts (with ``retry_after`` from ``Retry-After``),
-    non-retryable otherwise. Messages name the host and the status, never a key.
+    non-retryable otherwise. Spans the server reports as rejected (OTLP ``partialSuccess``)
+    raise :class:`PartialBatchError` once every part was sent, so only they count as failed.
+    Messages name the host and the status, never a key.
 
     ``check`` posts an empty export with the same credentials: 401/403 means a wrong key pair,
     a connection error an unreachable host.
@@ -580,10 +583,11 @@ class LangfuseSink:
             rejected += count
             message = message or text
         if rejected:
+            # The other spans were stored: count only the rejected ones, and do not retry.
             detail = f": {message}" if message else ""
-            raise SinkError(
+            raise PartialBatchError(
                 f"langfuse host {self._base} rejected {rejected} of {len(batch)} spans{detail}",
-                retryable=False,
+                failed=min(rejected, len(batch)),
             )
 
     async def check(self) -> None:
