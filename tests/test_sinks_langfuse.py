@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import json
 import socket
+import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -850,3 +854,105 @@ async def test_dns_failures_are_retryable_and_resolved_again_after_connection_er
     await sink.emit([make_record()])
     # Resolved: the failed try, the first success, again after the connection error.
     assert resolver.calls == ["langfuse.test"] * 3
+
+
+# -- HTTPS: checked, then connected by name so the certificate is verified ------------------------
+
+
+@dataclass
+class _Tls:
+    server: FakeLangfuse
+    context: ssl.SSLContext  # trusts the test CA only
+
+
+@pytest.fixture
+def tls_fake_langfuse(tmp_path: Path) -> Iterator[_Tls]:
+    """The fake Langfuse over HTTPS with a certificate for ``localhost`` from a throwaway CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.create_default_context(
+        cadata=ca_cert.public_bytes(serialization.Encoding.PEM).decode()
+    )
+    server = FakeLangfuse(ssl_certfile=str(cert_file), ssl_keyfile=str(key_file)).start()
+    try:
+        yield _Tls(server, context)
+    finally:
+        server.stop()
+
+
+async def test_https_host_is_checked_then_reached_by_name_with_certificate_verification(
+    tls_fake_langfuse: _Tls,
+) -> None:
+    server = tls_fake_langfuse.server
+    project = server.add_project()
+    resolver = FakeResolver({"localhost": ["127.0.0.1"]})
+    async with httpx.AsyncClient(verify=tls_fake_langfuse.context, trust_env=False) as http:
+        sink = _named_sink(project, http, f"https://localhost:{server.port}", resolver)
+        await sink.emit([make_record()])
+        await sink.check()
+        assert resolver.calls == ["localhost"]
+        assert [r.headers["host"] for r in server.requests(project.public_key)] == [
+            f"localhost:{server.port}"
+        ] * 2
+        assert len(server.generations(project.public_key)) == 1
+
+        # The certificate names localhost, not 127.0.0.1: a literal-IP host fails verification.
+        ip_sink = LangfuseSink(
+            public_key=project.public_key,
+            secret_key=project.secret_key,
+            http=http,
+            host=f"https://127.0.0.1:{server.port}",
+        )
+        error = await emit_error(ip_sink, [make_record()])
+        assert error.retryable and error.reason.startswith("cannot reach langfuse host")
+
+
+async def test_https_host_resolving_to_metadata_is_refused_before_connecting(
+    tls_fake_langfuse: _Tls,
+) -> None:
+    server = tls_fake_langfuse.server
+    project = server.add_project()
+    resolver = FakeResolver({"localhost": ["169.254.169.254"]})
+    async with httpx.AsyncClient(verify=tls_fake_langfuse.context, trust_env=False) as http:
+        sink = _named_sink(project, http, f"https://localhost:{server.port}", resolver)
+        error = await emit_error(sink, [make_record()])
+    assert not error.retryable and "link-local" in error.reason
+    assert server.requests() == []

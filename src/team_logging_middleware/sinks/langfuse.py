@@ -14,7 +14,8 @@ had already stored it) updates the same trace and observation instead of duplica
 The host is the tenant's choice, so it is checked like any tenant-chosen URL
 (:mod:`team_logging_middleware._netsafety`): http(s) only, no credentials in the URL, never a
 link-local or cloud-metadata address — neither literally when settings are written nor through
-DNS when records are sent (the connection then goes to the checked address). The sink only uses
+DNS when records are sent (plain-HTTP connections then go to the checked address; over HTTPS the
+certificate check rules out a re-pointed name). The sink only uses
 its own vars: no ``LANGFUSE_*`` or ``OTEL_*`` environment variable is ever read implicitly, so a
 tenant-chosen host can never receive the operator's own Langfuse credentials by fallback.
 """
@@ -473,9 +474,10 @@ class LangfuseSink:
 
     __slots__ = (
         "_base",
+        "_checked",
+        "_checked_until",
         "_closed",
         "_compress_level",
-        "_direct",
         "_endpoint",
         "_envelope",
         "_environment",
@@ -485,8 +487,7 @@ class LangfuseSink:
         "_http",
         "_literal_host",
         "_max_request_bytes",
-        "_pinned",
-        "_pinned_until",
+        "_pin",
         "_port",
         "_resolver",
         "_thread_threshold",
@@ -547,9 +548,9 @@ class LangfuseSink:
             scope_name="team-logging-middleware",
             scope_version=__version__,
         )
-        self._direct: bool | None = None
-        self._pinned: str | None = None
-        self._pinned_until = 0.0
+        self._pin: bool | None = None
+        self._checked: str | None = None
+        self._checked_until = 0.0
         self._closed = False
 
     def __repr__(self) -> str:  # no secret, ever
@@ -605,25 +606,30 @@ class LangfuseSink:
             return await asyncio.to_thread(gzip_bytes, body, self._compress_level)
         return gzip_bytes(body, self._compress_level)
 
-    def _goes_direct(self) -> bool:
-        """Whether requests to the endpoint connect straight to the host (no proxy mount).
+    def _can_pin(self) -> bool:
+        """Whether requests may connect to the checked address instead of the name.
 
-        Through a proxy, the proxy resolves the name and owns egress policy; pinning an address
-        there would also break TLS name checks, so only direct connections are pinned.
+        Only plain-HTTP connections straight to the host are pinned. Over HTTPS the certificate
+        check already stops DNS rebinding (an internal service cannot prove it is the tenant's
+        host), and pinning would let connections pooled per address be reused across names,
+        skipping that check. Through a proxy, the proxy resolves the name and owns egress policy.
         """
-        if self._direct is None:
-            try:
-                transport = self._http._transport_for_url(self._endpoint)
-                self._direct = transport is self._http._transport
-            except Exception:  # private httpx API: if it moves, fall back to not pinning
-                self._direct = False
-        return self._direct
+        if self._pin is None:
+            if self._endpoint.scheme != "http":
+                self._pin = False
+            else:
+                try:
+                    transport = self._http._transport_for_url(self._endpoint)
+                    self._pin = transport is self._http._transport
+                except Exception:  # private httpx API: if it moves, fall back to not pinning
+                    self._pin = False
+        return self._pin
 
-    async def _target(self) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
-        if self._literal_host or not self._goes_direct():
-            return self._endpoint, {}, {}
+    async def _target(self) -> tuple[httpx.URL, dict[str, str]]:
+        if self._literal_host:
+            return self._endpoint, {}
         now = self._timer()
-        if self._pinned is None or now >= self._pinned_until:
+        if self._checked is None or now >= self._checked_until:
             try:
                 addresses = await safe_addresses(
                     self._hostname, self._port, resolver=self._resolver
@@ -636,25 +642,18 @@ class LangfuseSink:
                     f"{exc.strerror or type(exc).__name__}",
                     retryable=True,
                 ) from None
-            self._pinned = addresses[0].split("%", 1)[0]
-            self._pinned_until = now + _DNS_TTL
-        # Connect to the checked address; Host and TLS SNI/verification keep the real name.
-        return (
-            self._endpoint.copy_with(host=self._pinned),
-            {"host": self._host_header},
-            {"sni_hostname": self._hostname},
-        )
+            self._checked = addresses[0].split("%", 1)[0]
+            self._checked_until = now + _DNS_TTL
+        if not self._can_pin():
+            return self._endpoint, {}
+        # Connect to the checked address; the Host header keeps the real name.
+        return self._endpoint.copy_with(host=self._checked), {"host": self._host_header}
 
     async def _post(self, body: bytes, *, probe: bool = False) -> tuple[int, str]:
-        url, extra_headers, extensions = await self._target()
+        url, extra_headers = await self._target()
         headers = {**self._headers, **extra_headers} if extra_headers else self._headers
         request = self._http.build_request(
-            "POST",
-            url,
-            content=body,
-            headers=headers,
-            timeout=self._timeout,
-            extensions=extensions,
+            "POST", url, content=body, headers=headers, timeout=self._timeout
         )
         try:
             # auth=None: a client-wide auth must never replace (or reach) a tenant's host;
@@ -667,13 +666,13 @@ class LangfuseSink:
             finally:
                 await response.aclose()
         except httpx.TimeoutException:
-            self._pinned = None
+            self._checked = None
             raise SinkError(
                 f"langfuse host {self._base} did not answer within {self._timeout:g}s",
                 retryable=True,
             ) from None
         except httpx.TransportError as exc:
-            self._pinned = None  # the address may have changed: resolve again next time
+            self._checked = None  # the address may have changed: resolve again next time
             raise SinkError(
                 f"cannot reach langfuse host {self._base}: {type(exc).__name__}",
                 retryable=True,
