@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ._types import Caller, Plan
+from .cache import MemoryResponseCache, ResponseCache
 from .config import StaticConfig
 from .dispatcher import Dispatcher
 from .planning import Planner
@@ -47,6 +48,11 @@ class TeamLogging:
             written through the admin API may name; default the config file's
             ``team_logging.env_allowlist``, else ``LANGFUSE_*``, ``OTEL_*``, ``GCS_*``.
         dispatcher_options: keyword arguments for the :class:`Dispatcher` built when none is given.
+        cache: where the answers of teams with ``cache_enabled`` are kept; default a
+            :class:`~team_logging_middleware.cache.MemoryResponseCache` (empty, and so free,
+            until a team turns caching on). Use a
+            :class:`~team_logging_middleware.cache.RedisResponseCache` to share it between
+            replicas. It is closed on :meth:`stop`.
     """
 
     def __init__(
@@ -66,6 +72,7 @@ class TeamLogging:
         shutdown_timeout: float = 10.0,
         own_store: bool = True,
         timer: Callable[[], float] = time.monotonic,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.registry = registry if registry is not None else default_registry(jsonl_dir=jsonl_dir)
         if config is None:
@@ -92,6 +99,7 @@ class TeamLogging:
         )
         if env_allowlist is None:
             env_allowlist = self.config.env_allowlist or DEFAULT_ENV_ALLOWLIST
+        self.cache: ResponseCache = cache if cache is not None else MemoryResponseCache()
         self.env_allowlist: tuple[str, ...] = tuple(env_allowlist)
         self.shutdown_timeout = shutdown_timeout
         self._own_store = own_store
@@ -137,6 +145,10 @@ class TeamLogging:
             try:
                 await self.dispatcher.stop(self.shutdown_timeout)
             finally:
+                try:
+                    await self.cache.aclose()
+                except Exception as exc:  # a cache that fails to close must not block shutdown
+                    logger.warning("response cache: closing it raised %s", type(exc).__name__)
                 if self._own_store:
                     await self.store.aclose()
 
@@ -150,7 +162,7 @@ class TeamLogging:
     # -- introspection ------------------------------------------------------------------------
 
     async def health(self) -> dict[str, Any]:
-        """Figures for ``/health``: dispatcher, planner, resolver and store; no secrets."""
+        """Figures for ``/health``: dispatcher, planner, resolver, cache and store; no secrets."""
         try:
             store_health = await self.store.health()
         except Exception as exc:  # a store that is down still gets a health answer
@@ -161,4 +173,11 @@ class TeamLogging:
             "planner": self.planner.stats(),
             "resolver": self.resolver.stats() if self.resolver is not None else None,
             "store": store_health,
+            "cache": self._cache_stats(),
         }
+
+    def _cache_stats(self) -> dict[str, Any]:
+        try:
+            return self.cache.stats()
+        except Exception as exc:  # a user's cache whose stats() fails still gets an answer
+            return {"error": type(exc).__name__}
