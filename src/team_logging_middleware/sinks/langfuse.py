@@ -162,9 +162,7 @@ def _build(callback_vars: Mapping[str, str], ctx: SinkContext) -> LangfuseSink:
     if not public or not secret:
         raise SettingsError(
             "langfuse needs langfuse_public_key and langfuse_secret_key",
-            param="callback_vars.langfuse_secret_key"
-            if public
-            else ("callback_vars.langfuse_public_key"),
+            param=f"callback_vars.langfuse_{'secret' if public else 'public'}_key",
         )
     return LangfuseSink(
         public_key=public,
