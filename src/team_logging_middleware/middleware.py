@@ -11,6 +11,13 @@ Lifespan messages are observed, not altered: the runtime starts when the server 
 ``lifespan.startup`` (before the app sees it) and stops — flushing — once the app has answered
 ``lifespan.shutdown.complete`` (before the server sees that). If the runtime cannot start, the
 server is told ``lifespan.startup.failed`` and the app's startup does not run.
+
+Response caching (a team's ``cache_enabled``): for a POST on a logged route the middleware reads
+the request body itself (up to ``max_cache_request_bytes``) to compute the cache key, then replays
+the very same messages to the app. A hit is answered from the runtime's ``cache`` without calling
+the app and is submitted with ``cache_hit=True`` (logged like any request, per the plan); a miss
+calls the app, marks its answer ``x-team-logging-cache: miss`` and stores it once it has been sent
+completely. See :mod:`~.cache` for the key, the opt-outs and what is stored.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ._capture import ExchangeRecorder, Message, Receive, Send, describe_error
 from ._types import NO_LOGGING, Caller, Plan
+from .cache import CacheSession, open_cache_session
 from .errors import TeamLoggingError
 from .records import Exchange
 
@@ -85,9 +93,11 @@ class RequestPathStats:
     unlogged, or was refused with 503 when ``fail_closed``). ``submit_errors``: ``submit`` raised.
     ``submit_rejected``: ``submit`` returned False (the dispatcher counts why). ``capture_errors``:
     building the exchange failed. ``fail_closed_rejections``: requests answered 503.
+    ``cache_errors``: the response cache raised (the request was served without it).
     """
 
     __slots__ = (
+        "cache_errors",
         "capture_errors",
         "fail_closed_rejections",
         "plan_errors",
@@ -103,6 +113,7 @@ class RequestPathStats:
         self.submit_rejected = 0
         self.capture_errors = 0
         self.fail_closed_rejections = 0
+        self.cache_errors = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -223,6 +234,13 @@ class TeamLoggingMiddleware:
     resolved the request proceeds without logging — or, with ``fail_closed=True``, is refused
     with a 503 JSON error before the app runs.
 
+    Response caching uses the runtime's ``cache`` attribute (a
+    :class:`~.cache.ResponseCache`; :class:`~.runtime.TeamLogging` always has one) for teams
+    whose plan has ``cache_enabled``; a runtime without it serves every request from the app.
+    ``max_cache_request_bytes`` bounds the request body read ahead for a cache lookup; a larger
+    request is passed to the app (replayed, then live) and not cached. A failing cache is never
+    a failing request: it is counted in :attr:`stats` (``cache_errors``) and treated as a miss.
+
     The middleware is also an async context manager (``async with mw:``) that starts and stops
     the runtime, for servers that do not run the ASGI lifespan.
     """
@@ -234,6 +252,7 @@ class TeamLoggingMiddleware:
         "_warned_not_started",
         "app",
         "fail_closed",
+        "max_cache_request_bytes",
         "max_request_bytes",
         "max_response_bytes",
         "stats",
@@ -252,10 +271,13 @@ class TeamLoggingMiddleware:
         fail_closed: bool = False,
         max_request_bytes: int = 256 * 1024,
         max_response_bytes: int = 1024 * 1024,
+        max_cache_request_bytes: int = 1024 * 1024,
         **runtime_kwargs: Any,
     ) -> None:
-        if max_request_bytes < 0 or max_response_bytes < 0:
-            raise ValueError("max_request_bytes and max_response_bytes must be >= 0")
+        if min(max_request_bytes, max_response_bytes, max_cache_request_bytes) < 0:
+            raise ValueError(
+                "max_request_bytes, max_response_bytes and max_cache_request_bytes must be >= 0"
+            )
         if team_logging is None:
             # Imported here so that the request path of a user-supplied runtime never pays for
             # (or depends on) the default wiring.
@@ -272,6 +294,7 @@ class TeamLoggingMiddleware:
         self.fail_closed = fail_closed
         self.max_request_bytes = max_request_bytes
         self.max_response_bytes = max_response_bytes
+        self.max_cache_request_bytes = max_cache_request_bytes
         self.stats = RequestPathStats()
         if callable(routes):
             self._is_logged: RoutePredicate = routes
@@ -333,18 +356,56 @@ class TeamLoggingMiddleware:
         if not self._warned_not_started:
             self._check_started()
         recorder = ExchangeRecorder(receive, send, self.max_request_bytes, self.max_response_bytes)
-        # Seam for a per-team response cache (plan.cache_enabled): it would call
-        # ``await recorder.read_request_body(limit)`` to compute its key (the app then gets the
-        # same messages replayed), answer a hit through ``recorder.send`` instead of calling the
-        # app, and pass ``cache_hit=True`` to ``to_exchange``.
+        session: CacheSession | None = None
+        if plan.cache_enabled and scope.get("method") == "POST":
+            session = await self._open_cache(scope, recorder, plan)
         exc_seen: BaseException | None = None
+        cache_hit = False
         try:
-            await self.app(scope, recorder.receive, recorder.send)
+            if session is None:
+                await self.app(scope, recorder.receive, recorder.send)
+            elif session.hit is not None:
+                # Answered from the cache: the app never runs (it would call the model).
+                cache_hit = True
+                await session.replay(recorder.send)
+                return
+            else:
+                await self.app(scope, recorder.receive, session.wrap_send(recorder.send))
         except BaseException as exc:
             exc_seen = exc
             raise
         finally:
-            self._submit(recorder, scope, start_time, start_perf, plan, caller, exc_seen)
+            self._submit(recorder, scope, start_time, start_perf, plan, caller, exc_seen, cache_hit)
+        if session is not None:
+            # Only after the app returned normally, and once the client has the whole answer:
+            # storing never delays a byte of it.
+            await session.store(client_gone=recorder.disconnected or recorder.send_failed)
+
+    async def _open_cache(
+        self, scope: Scope, recorder: ExchangeRecorder, plan: Plan
+    ) -> CacheSession | None:
+        """Read the body ahead (replayed to the app) and look it up; None: no caching."""
+        cache = getattr(self.team_logging, "cache", None)
+        if cache is None:
+            return None
+        try:
+            return await open_cache_session(
+                cache,
+                namespace=plan.cache_namespace,
+                route=_route_path(scope),
+                headers=scope.get("headers", ()),
+                read_body=recorder.read_request_body,
+                max_request_bytes=self.max_cache_request_bytes,
+                ttl_seconds=plan.cache_ttl_seconds,
+                on_error=self._cache_error,
+            )
+        except Exception as exc:
+            self._cache_error("response cache", exc)
+            return None
+
+    def _cache_error(self, where: str, exc: BaseException) -> None:
+        self.stats.cache_errors += 1
+        self._log_plugin_error(where, exc)
 
     def _submit(
         self,
@@ -355,6 +416,7 @@ class TeamLoggingMiddleware:
         plan: Plan,
         caller: Caller | None,
         exc: BaseException | None,
+        cache_hit: bool = False,
     ) -> None:
         """Build the exchange and hand it over; contains every error (runs inside ``finally``)."""
         try:
@@ -369,6 +431,7 @@ class TeamLoggingMiddleware:
                 caller=caller,
                 request_content_type=content_type,
                 exc=exc,
+                cache_hit=cache_hit,
             )
         except Exception as err:
             self.stats.capture_errors += 1
