@@ -867,3 +867,35 @@ def test_invalid_options_are_refused() -> None:
         Dispatcher(SinkRegistry(), flush_interval=-1)
     with pytest.raises(ValueError, match="emit_timeout"):
         Dispatcher(SinkRegistry(), emit_timeout=0)
+
+
+async def test_shared_http_client_never_keeps_cookies_between_tenants() -> None:
+    # Two tenants on one host share the pool; a cookie set for one must never reach the other.
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from team_logging_middleware.dispatcher import shared_http_client
+
+    from .fixtures.servers import run_uvicorn_async
+
+    seen: list[str | None] = []
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        seen.append(request.headers.get("cookie"))
+        response = PlainTextResponse("ok")
+        response.set_cookie("session", "tenant-a-session")
+        return response
+
+    app = Starlette(routes=[Route("/", endpoint, methods=["POST"])])
+    async with run_uvicorn_async(app) as base_url:
+        client = shared_http_client(5.0)
+        try:
+            for _ in range(2):
+                response = await client.post(base_url + "/")
+                assert response.status_code == 200
+        finally:
+            await client.aclose()
+    assert seen == [None, None]
+    assert len(client.cookies.jar) == 0

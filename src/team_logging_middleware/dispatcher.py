@@ -39,6 +39,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Literal, cast
 from urllib.parse import unquote, urlsplit
 
@@ -171,6 +172,22 @@ class _Lane:
     @property
     def unresolved(self) -> int:
         return self.enqueued - self.done
+
+
+def shared_http_client(timeout: float) -> httpx.AsyncClient:
+    """The one connection pool every HTTP destination shares.
+
+    It carries no default headers or auth, and it never stores cookies: tenants that share a host
+    (e.g. two projects on cloud.langfuse.com) must not receive each other's cookies.
+    """
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout, connect=min(5.0, timeout)),
+        limits=httpx.Limits(
+            max_connections=100, max_keepalive_connections=20, keepalive_expiry=30.0
+        ),
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+        follow_redirects=False,
+    )
 
 
 class Dispatcher:
@@ -360,12 +377,7 @@ class Dispatcher:
             module = importlib.import_module(f"{__package__}._decode")
             self._decode = cast(Decode, module.decode_exchange)
         if self._client is None:
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(self._emit_timeout, connect=min(5.0, self._emit_timeout)),
-                limits=httpx.Limits(
-                    max_connections=100, max_keepalive_connections=20, keepalive_expiry=30.0
-                ),
-            )
+            self._client = shared_http_client(self._emit_timeout)
             self._owns_client = True
         self._state = "running"
         self._accepting = True
@@ -505,7 +517,7 @@ class Dispatcher:
         client = self._client
         temporary = client is None or client.is_closed
         if temporary:
-            client = httpx.AsyncClient(timeout=self._emit_timeout)
+            client = shared_http_client(self._emit_timeout)
         assert client is not None
         try:
             try:
