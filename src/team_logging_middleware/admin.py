@@ -14,6 +14,11 @@ Trust model:
   (team admins): they see and change only the teams they are granted (403 otherwise), never write
   ``os.environ/`` references (unless ``allow_env_refs_for_delegated``), and, when
   ``delegated_host_allowlist`` is set, only point destinations at hosts it matches.
+* Destinations that act with the gateway host's own credentials are the operator's: a delegated
+  principal may never set ``gcs_path_service_account`` (a file path on the gateway host: it
+  would pick which key file the gateway reads and writes with), and may add ``gcs_bucket``
+  destinations -- which then write with the operator's default Google Cloud credentials -- only
+  when the operator says so with ``allow_delegated_gcs=True``.
 * Credentials are checked before anything is looked up, so a 401 says nothing about which teams
   exist. Secrets (vars that :func:`~team_logging_middleware.settings.is_secret_var` flags) are
   masked in every response and never logged; log lines name team ids and callback names only.
@@ -82,6 +87,10 @@ __all__ = [
 logger = logging.getLogger("team_logging_middleware.admin")
 
 MAX_TEAM_ID_LENGTH = 256
+# Callbacks that act with the gateway host's own identity, and their vars that name host files.
+HOST_CREDENTIAL_CALLBACKS: Mapping[str, tuple[str, ...]] = {
+    "gcs_bucket": ("gcs_path_service_account",),
+}
 MAX_CALLBACK_NAME_LENGTH = 128
 MAX_JSON_DEPTH = 32
 CHECK_TIMEOUT = 30.0
@@ -346,6 +355,7 @@ class AdminAccess:
         authorize: AuthorizeHook | None = None,
         allow_env_refs_for_delegated: bool = False,
         delegated_host_allowlist: Sequence[str] | None = None,
+        allow_delegated_gcs: bool = False,
     ) -> None:
         self.team_logging = team_logging
         # Only a digest of the master key is kept: comparing fixed-length digests with
@@ -353,6 +363,7 @@ class AdminAccess:
         self._master_digest = hashlib.sha256(master_key.encode()).digest() if master_key else None
         self._authorize = authorize
         self.allow_env_refs_for_delegated = allow_env_refs_for_delegated
+        self.allow_delegated_gcs = allow_delegated_gcs
         self.delegated_host_allowlist: tuple[str, ...] | None = (
             tuple(p.lower() for p in delegated_host_allowlist)
             if delegated_host_allowlist is not None
@@ -408,7 +419,8 @@ class AdminAccess:
         *,
         param_prefix: str = "callback_vars",
     ) -> CallbackSpec:
-        """Normalize an entry with the registry, then apply the env-ref and host policies."""
+        """Normalize an entry with the registry, then apply the credential, env-ref and host
+        policies."""
         try:
             normalized = self.team_logging.registry.normalize(spec, param_prefix=param_prefix)
         except SettingsError as exc:
@@ -417,6 +429,8 @@ class AdminAccess:
             # A plugin's validator may raise a plain ValueError; its text could echo a value.
             detail = _scrub(str(exc), secret_values(spec.callback_vars))
             raise SettingsError(f"{param_prefix}: {detail}", param=param_prefix) from None
+        if not principal.is_master:
+            self._check_host_credentials(normalized, param_prefix)
         check_env_refs(
             normalized,
             allowed=self.may_use_env_refs(principal),
@@ -426,6 +440,39 @@ class AdminAccess:
         if not principal.is_master and self.delegated_host_allowlist is not None:
             self._check_hosts(normalized, param_prefix)
         return normalized
+
+    def _check_host_credentials(self, spec: CallbackSpec, param_prefix: str) -> None:
+        """Refuse a delegated write that would make the gateway act with its host's identity.
+
+        ``gcs_path_service_account`` names a file on the gateway host: a team admin choosing it
+        could make the gateway read any file it can open as a key, or write with another
+        tenant's service account. Without it, ``gcs_bucket`` writes with the operator's default
+        credentials, which may reach buckets the team admin has no right to.
+        """
+        host_vars = HOST_CREDENTIAL_CALLBACKS.get(spec.callback_name)
+        if host_vars is None:
+            return
+        for name in host_vars:
+            if name in spec.callback_vars:
+                param = f"{param_prefix}.{name}"
+                raise SettingsError(
+                    f"{param}: only the operator (master key) can set {name}: it names a file "
+                    "on the gateway host",
+                    param=param,
+                )
+        if spec.callback_name == "gcs_bucket" and not self.allow_delegated_gcs:
+            param = (
+                param_prefix.rsplit(".", 1)[0] + ".callback_name"
+                if "." in param_prefix
+                else "callback_name"
+            )
+            raise SettingsError(
+                f"{param}: only the operator (master key) can add gcs_bucket destinations: "
+                "they write with the gateway's default Google Cloud credentials. The operator "
+                "can allow team admins to add them with create_admin_app(..., "
+                "allow_delegated_gcs=True) (TLM_ALLOW_DELEGATED_GCS=1 for the example gateway)",
+                param=param,
+            )
 
     def _check_hosts(self, spec: CallbackSpec, param_prefix: str) -> None:
         patterns = self.delegated_host_allowlist or ()
@@ -1115,6 +1162,7 @@ def create_admin_app(
     authorize: AuthorizeHook | None = None,
     allow_env_refs_for_delegated: bool = False,
     delegated_host_allowlist: Sequence[str] | None = None,
+    allow_delegated_gcs: bool = False,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     debug: bool = False,
 ) -> Starlette:
@@ -1130,6 +1178,9 @@ def create_admin_app(
             (still limited to ``team_logging.env_allowlist``).
         delegated_host_allowlist: glob patterns of host names that delegated principals may point
             destinations at (vars named ``*_host``, ``*_endpoint``, ``*_url``); None: any host.
+        allow_delegated_gcs: let delegated principals add ``gcs_bucket`` destinations, which
+            write with the gateway's default Google Cloud credentials (a delegated principal
+            can never set ``gcs_path_service_account``, whatever this says).
         max_body_bytes: request bodies above this answer 413 (enforced while reading).
         debug: name the exception type in 500 answers (never its message or a traceback).
 
@@ -1143,6 +1194,7 @@ def create_admin_app(
         authorize=authorize,
         allow_env_refs_for_delegated=allow_env_refs_for_delegated,
         delegated_host_allowlist=delegated_host_allowlist,
+        allow_delegated_gcs=allow_delegated_gcs,
     )
     api = _AdminAPI(access, max_body_bytes=max_body_bytes, debug=debug)
     guard = _guard(debug)
