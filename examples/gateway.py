@@ -21,7 +21,9 @@ What it serves (master key ``sk-1234`` unless ``TLM_MASTER_KEY`` is set):
 Everything is wrapped in ``TeamLoggingMiddleware``; the lifespan starts and stops delivery.
 Environment: ``HOST``, ``PORT``, ``TLM_MASTER_KEY``, ``TLM_DB``, ``TLM_CONFIG``, ``TLM_UPSTREAM``,
 ``TLM_UPSTREAM_KEY``, ``TLM_REDIS_URL``, ``TLM_ENCRYPTION_KEY``, ``TLM_ENV_ALLOWLIST``
-(comma-separated glob patterns), ``TLM_JSONL_DIR``, ``TLM_FLUSH_INTERVAL`` (seconds).
+(comma-separated glob patterns), ``TLM_JSONL_DIR``, ``TLM_FLUSH_INTERVAL`` (seconds),
+``TLM_ALLOW_DELEGATED_GCS`` (``1``: team admins may add ``gcs_bucket`` destinations, which write
+with this host's default Google Cloud credentials; off by default).
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ class GatewaySettings:
     jsonl_dir: str = "./logs"
     flush_interval: float | None = None  # None: the dispatcher's default
     mock_chunk_delay: float = 0.0  # seconds between mock SSE chunks
+    # Team admins may add gcs_bucket destinations (written with the host's default credentials).
+    allow_delegated_gcs: bool = False
     dispatcher_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -149,6 +153,8 @@ class GatewaySettings:
             env_allowlist=allowlist,
             jsonl_dir=args.jsonl_dir,
             flush_interval=float(flush) if flush else None,
+            allow_delegated_gcs=env.get("TLM_ALLOW_DELEGATED_GCS", "").strip().lower()
+            in ("1", "true", "yes", "on"),
         )
 
 
@@ -545,7 +551,12 @@ def create_gateway(settings: GatewaySettings) -> Gateway:
             return None
         return Principal(subject=f"key:{record.key_hash[:16]}", teams=frozenset({record.team_id}))
 
-    admin = create_admin_app(tl, master_key=settings.master_key, authorize=authorize)
+    admin = create_admin_app(
+        tl,
+        master_key=settings.master_key,
+        authorize=authorize,
+        allow_delegated_gcs=settings.allow_delegated_gcs,
+    )
     access: AdminAccess = admin.state.admin_access
     model = MockModel(settings.mock_chunk_delay)
     upstream_box: list[httpx.AsyncClient] = []
