@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
@@ -60,24 +61,50 @@ def blocked_reason(address: str | IPAddress) -> str | None:
     return None
 
 
+# Hosts made only of these characters may be an IPv4 address in one of the shorthand forms the
+# C resolver accepts (inet_aton): "2852039166", "0xa9fea9fe", "0251.0376.0251.0376" and
+# "169.254.43518" all connect to 169.254.169.254, yet none is an address to ``ipaddress``.
+_NUMERIC_HOST = re.compile(r"^[0-9a-fA-FxX.]+$")
+
+
 def literal_ip(host: str) -> IPAddress | None:
-    """The IP address a URL host spells literally (``[::1]`` brackets allowed), else None."""
+    """The IP address a URL host spells literally (``[::1]`` brackets allowed), else None.
+
+    Shorthand IPv4 forms are read the way ``getaddrinfo`` reads them, so that a check made on the
+    literal judges the address the connection would actually go to.
+    """
     candidate = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
         return ipaddress.ip_address(candidate)
     except ValueError:
-        return None
+        pass
+    if _NUMERIC_HOST.match(candidate):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(candidate))
+        except OSError:
+            return None
+    return None
 
 
 def check_destination_url(url: str, *, param: str) -> str:
     """Validate a tenant-supplied base URL; return it without a trailing slash.
 
     Refuses: schemes other than http/https, a missing host, credentials in the URL (they would
-    bypass secret masking), query strings and fragments, and literal IPs in blocked ranges.
+    bypass secret masking), query strings and fragments, spaces, control characters and
+    backslashes, and literal IPs (shorthand IPv4 forms included) in blocked ranges.
     Raises :class:`SettingsError` naming ``param``; the message never repeats the URL's userinfo.
     """
+    stripped = url.strip()
+    # urlsplit silently drops tabs and newlines, so the check would judge another URL than
+    # the one stored; HTTP clients refuse such URLs (or, for a backslash, may read another
+    # host out of it than urlsplit does).
+    if any(ch <= " " or ch == "\x7f" or ch == "\\" for ch in stripped):
+        raise SettingsError(
+            f"{param}: the URL must not contain spaces, control characters or backslashes",
+            param=param,
+        )
     try:
-        parts = urlsplit(url.strip())
+        parts = urlsplit(stripped)
         port = parts.port  # raises ValueError for a non-numeric or out-of-range port
     except ValueError:
         raise SettingsError(f"{param}: not a valid URL", param=param) from None
@@ -102,7 +129,7 @@ def check_destination_url(url: str, *, param: str) -> str:
             raise SettingsError(
                 f"{param}: {ip} is a {reason} address; logs cannot be sent there", param=param
             )
-    return url.strip().rstrip("/")
+    return stripped.rstrip("/")
 
 
 async def resolve_host(host: str, port: int) -> list[str]:
