@@ -477,7 +477,7 @@ async def test_what_a_miss_stores(messages: list[Message], stored: bool) -> None
     assert sent.messages[0]["headers"][-1] == (CACHE_HEADER, b"miss")
     assert sent.messages[1:] == messages[1:]
     assert messages[0]["headers"][-1] != (CACHE_HEADER, b"miss")  # the app's dict untouched
-    assert await session.store() is stored
+    assert session.stored is stored
     assert (len(cache) == 1) is stored and errors == []
 
 
@@ -485,7 +485,7 @@ async def test_session_hit_opt_outs_and_uncacheable_requests() -> None:
     cache = MemoryResponseCache()
     session, _ = await session_for(cache, ttl_seconds=7)
     await answer(session, start(200, (b"x-request-id", b"r1")), body(b'{"a":1}'))
-    assert await session.store()
+    assert session.stored
     hit, _ = await session_for(cache)
     assert hit.hit is not None and hit.hit.body == (b'{"a":1}',)
     # Only the safe headers are kept.
@@ -496,8 +496,8 @@ async def test_session_hit_opt_outs_and_uncacheable_requests() -> None:
     no_read, _ = await session_for(cache, headers=[(b"cache-control", b"no-cache")])
     assert no_read.hit is None
     no_write, _ = await session_for(cache, dumps({**BODY, "n": 1, "cache": {"no-store": True}}))
-    await answer(no_write, start(), body(b"{}"))
-    assert not await no_write.store()
+    sent = await answer(no_write, start(), body(b"{}"))
+    assert not no_write.stored and sent.messages[0]["headers"][-1] == (CACHE_HEADER, b"miss")
     assert (await session_for(cache, b"[1]"))[0] is None
     assert (await session_for(cache, max_request_bytes=5))[0] is None
 
@@ -514,7 +514,7 @@ async def test_a_failing_cache_is_a_miss_and_reported() -> None:
     session, errors = await session_for(BrokenCache())
     assert session is not None and session.hit is None
     await answer(session, start(), body(b"{}"))
-    assert not await session.store()
+    assert not session.stored
     assert errors == ["RuntimeError", "RuntimeError"]
 
 
@@ -525,6 +525,31 @@ async def test_a_client_gone_during_a_replay_ends_it_quietly() -> None:
     cache = MemoryResponseCache()
     session, _ = await session_for(cache)
     await answer(session, start(), body(b"{}"))
-    await session.store()
     hit, _ = await session_for(cache)
     assert await hit.replay(gone) is False
+
+
+async def test_a_miss_is_stored_before_its_final_message_goes_out() -> None:
+    cache = MemoryResponseCache()
+    session, _ = await session_for(cache)
+    seen_in_cache: list[bool] = []
+
+    async def client(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            seen_in_cache.append(len(cache) == 1)
+
+    send = session.wrap_send(client)
+    await send(start())
+    await send(body(b"{", more=True))
+    await send(body(b"}"))
+    # Earlier chunks went out first; the last one only once the answer was in the cache.
+    assert seen_in_cache == [False, True]
+
+
+async def test_an_answer_is_not_stored_once_the_client_has_left() -> None:
+    cache = MemoryResponseCache()
+    session, _ = await session_for(cache)
+    send = session.wrap_send(Sent(), lambda: True)
+    await send(start())
+    await send(body(b"{}"))
+    assert not session.stored and len(cache) == 0

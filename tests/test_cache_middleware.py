@@ -528,6 +528,48 @@ async def test_large_body_in_many_chunks_is_replayed_exactly_then_live(limit: in
         assert model.calls == (1 if cacheable else 2)
 
 
+async def test_a_miss_forwards_each_chunk_before_the_next_is_produced() -> None:
+    """Caching never buffers a stream: chunk N reaches the client before N+1 exists."""
+    delivered: list[bytes] = []
+    produced: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        for n in range(3):
+            # What was produced so far has reached the client already.
+            assert delivered == produced
+            chunk = f"data: {n}\n\n".encode()
+            produced.append(chunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": n < 2})
+
+    class Spy(Peer):
+        async def send(self, message: Message) -> None:
+            await super().send(message)
+            if message["type"] == "http.response.body":
+                delivered.append(message["body"])
+
+    async with gateway() as gw:
+        gw.mw.app = app
+        peer = Spy([json.dumps(STREAM_REQUEST).encode()])
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": CHAT,
+            "headers": [(b"authorization", b"Bearer key-a")],
+        }
+        await gw.mw(scope, peer.receive, peer.send)
+        assert delivered == produced and len(delivered) == 3
+        assert (await gw.call(STREAM_REQUEST)).bodies == produced
+
+
 # -- what is not stored ---------------------------------------------------------------------------
 
 
@@ -677,7 +719,7 @@ async def test_through_uvicorn_a_cached_stream_arrives_as_the_original() -> None
     ):
         headers = {"authorization": "Bearer key-a"}
 
-        async def fetch() -> tuple[str | None, bytes, list[bytes]]:
+        async def fetch() -> tuple[str | None, bytes]:
             chunks: list[bytes] = []
             async with client.stream(
                 "POST", CHAT, json=STREAM_REQUEST, headers=headers
@@ -685,18 +727,11 @@ async def test_through_uvicorn_a_cached_stream_arrives_as_the_original() -> None
                 assert response.status_code == 200
                 async for chunk in response.aiter_raw():
                     chunks.append(chunk)
-                return response.headers.get("x-team-logging-cache"), b"".join(chunks), chunks
+                return response.headers.get("x-team-logging-cache"), b"".join(chunks)
 
-        state, first, _ = await fetch()
+        state, first = await fetch()
         assert state == "miss"
-        # The entry is stored right after the last byte went out: poll, do not sleep.
-        replies: list[tuple[str | None, bytes, list[bytes]]] = []
-
-        async def hit() -> bool:
-            replies.append(await fetch())
-            return replies[-1][0] == "hit"
-
-        await wait_for(hit, timeout=5)
-        assert replies[-1][1] == first
-        assert stream_text(replies[-1][1]) == "The answer is #1"
-        assert gw.model.calls == len(replies)  # the hit itself did not call the app
+        # Stored before the last message went out: the very next request is a hit.
+        state, again = await fetch()
+        assert state == "hit" and again == first and gw.model.calls == 1
+        assert stream_text(again) == "The answer is #1"

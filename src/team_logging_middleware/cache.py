@@ -24,13 +24,15 @@ Opt-outs, per request (as in LiteLLM)
     never lengthen it).
 
 What is stored (:class:`CachedResponse`)
-    Only complete 2xx answers (final body message seen, no exception, no disconnect) of at most
-    the backend's ``max_entry_bytes``, without ``Set-Cookie``, without a non-identity
+    Only complete 2xx answers (the app sent its final body message, the client had not left) of
+    at most the backend's ``max_entry_bytes``, without ``Set-Cookie``, without a non-identity
     ``Content-Encoding`` (the key does not cover ``Accept-Encoding``) and without
     ``Cache-Control: no-store``/``private`` from the app. Of the headers, only those in
     :data:`STORED_HEADERS` are kept; ``content-length`` is recomputed on replay. A replayed
     answer carries ``x-team-logging-cache: hit`` and an ``age`` header; a fresh answer to a
-    cacheable request carries ``x-team-logging-cache: miss``.
+    cacheable request carries ``x-team-logging-cache: miss``. A miss is stored as the app sends
+    its final body message, just before that message is forwarded: the first byte is never
+    delayed, and a client that has the whole answer finds it cached when it asks again.
 
 Backends
     :class:`MemoryResponseCache` (per process, bounded by bytes, LRU and TTL) and
@@ -720,10 +722,19 @@ def _should_not_store(headers: Sequence[tuple[bytes, bytes]]) -> bool:
 
 
 class _ResponseFill:
-    """Wraps ``send`` on a miss: marks the answer as a miss, forwards, then keeps a copy."""
+    """Wraps ``send`` on a miss: marks the answer as a miss, forwards it, keeps a bounded copy,
+    and stores the copy when the app sends its final body message.
+
+    The store happens just *before* that final message is forwarded: every earlier byte has
+    already gone out (the first byte is never delayed), and once a client holds the whole
+    answer, the same request sent next -- to this replica or another -- finds it in the cache.
+    Stored only if the answer is 2xx, fits ``limit``, and the client had not left by then.
+    """
 
     __slots__ = (
+        "_client_gone",
         "_limit",
+        "_on_complete",
         "_send",
         "chunks",
         "complete",
@@ -734,9 +745,17 @@ class _ResponseFill:
         "stream",
     )
 
-    def __init__(self, send: Send, limit: int) -> None:
+    def __init__(
+        self,
+        send: Send,
+        limit: int,
+        on_complete: Callable[[CachedResponse], Awaitable[None]] | None,
+        client_gone: Callable[[], bool],
+    ) -> None:
         self._send = send
         self._limit = limit
+        self._on_complete = on_complete
+        self._client_gone = client_gone
         self.status = 0
         self.headers: tuple[tuple[bytes, bytes], ...] = ()
         self.stream = False
@@ -760,32 +779,41 @@ class _ResponseFill:
                 n == b"content-type" and v.lower().startswith(b"text/event-stream") for n, v in kept
             )
             self.storable = (
-                200 <= self.status < 300
+                self._on_complete is not None
+                and 200 <= self.status < 300
                 and not message.get("trailers", False)
                 and not _should_not_store(original)
             )
             return
-        await self._send(message)
-        if message_type == "http.response.body":
-            if self.storable:
-                body = message.get("body", b"")
-                if body:
-                    if self.size + len(body) > self._limit:
-                        # Too large to keep: stop collecting (and free what was kept).
-                        self.storable = False
-                        self.chunks = []
-                    else:
-                        self.chunks.append(bytes(body))
-                        self.size += len(body)
-            if not message.get("more_body", False):
-                self.complete = True
-        else:
+        if message_type != "http.response.body":
             # A file sent by path, trailers, or an extension we do not know: not replayable.
             self.storable = False
+            await self._send(message)
+            return
+        if message.get("more_body", False):
+            await self._send(message)
+            self._keep(message.get("body", b""))
+            return
+        self.complete = True
+        if self.storable:
+            self._keep(message.get("body", b""))
+            if self.storable and not self._client_gone() and self._on_complete is not None:
+                await self._on_complete(self._entry())
+        await self._send(message)
 
-    def entry(self) -> CachedResponse | None:
-        if not (self.storable and self.complete):
-            return None
+    def _keep(self, body: bytes) -> None:
+        if not self.storable or not body:
+            return
+        if self.size + len(body) > self._limit:
+            # Too large to keep: stop collecting (and free what was kept).
+            self.storable = False
+            self.chunks = []
+            return
+        # bytes(): the app may reuse a bytearray once send() returned.
+        self.chunks.append(bytes(body))
+        self.size += len(body)
+
+    def _entry(self) -> CachedResponse:
         return CachedResponse(
             status=self.status,
             headers=self.headers,
@@ -796,14 +824,15 @@ class _ResponseFill:
 
 
 class CacheSession:
-    """The cache's part of one request: the lookup before the app, the store after it.
+    """The cache's part of one request: the lookup before the app, the store as it finishes.
 
     Built by :func:`open_cache_session`. On a hit, :meth:`replay` answers in place of the app.
-    On a miss, pass :meth:`wrap_send` to the app, and call :meth:`store` once the app has
-    returned normally. No method raises because of the cache: failures go to ``on_error``.
+    On a miss, give the app :meth:`wrap_send`: it marks the answer, and stores it when the app
+    sends the final body message (see :class:`_ResponseFill`). ``stored`` says whether it was.
+    No method raises because of the cache: failures go to ``on_error``.
     """
 
-    __slots__ = ("_cache", "_fill", "_on_error", "_ttl", "hit", "request")
+    __slots__ = ("_cache", "_on_error", "_ttl", "hit", "request", "stored")
 
     def __init__(
         self,
@@ -817,8 +846,8 @@ class CacheSession:
         self.request = request
         self._ttl = ttl
         self._on_error = on_error
-        self._fill: _ResponseFill | None = None
         self.hit = hit
+        self.stored = False
 
     async def replay(self, send: Send) -> bool:
         """Send the cached answer; False when the client went away during it."""
@@ -832,30 +861,24 @@ class CacheSession:
             return False
         return True
 
-    def wrap_send(self, send: Send) -> Send:
-        """The ``send`` to give the app on a miss: marks the answer and keeps a copy to store."""
+    def wrap_send(self, send: Send, client_gone: Callable[[], bool] = lambda: False) -> Send:
+        """The ``send`` to give the app on a miss. ``client_gone`` is asked before storing."""
+        if self.request.no_write:
+            return _ResponseFill(send, 0, None, client_gone).send
         try:
             limit = int(self._cache.max_entry_bytes)
         except Exception as exc:
             self._on_error("response cache", exc)
             return send
-        self._fill = _ResponseFill(send, limit)
-        return self._fill.send
+        return _ResponseFill(send, limit, self._store, client_gone).send
 
-    async def store(self, *, client_gone: bool = False) -> bool:
-        """Store the answer if it is complete, 2xx, small enough and not opted out."""
-        fill = self._fill
-        if fill is None or client_gone or self.request.no_write:
-            return False
-        entry = fill.entry()
-        if entry is None:
-            return False
+    async def _store(self, entry: CachedResponse) -> None:
         try:
             await self._cache.set(self.request.key, entry, self.request.store_ttl(self._ttl))
         except Exception as exc:
             self._on_error("response cache", exc)
-            return False
-        return True
+            return
+        self.stored = True
 
 
 async def open_cache_session(

@@ -16,8 +16,9 @@ Response caching (a team's ``cache_enabled``): for a POST on a logged route the 
 the request body itself (up to ``max_cache_request_bytes``) to compute the cache key, then replays
 the very same messages to the app. A hit is answered from the runtime's ``cache`` without calling
 the app and is submitted with ``cache_hit=True`` (logged like any request, per the plan); a miss
-calls the app, marks its answer ``x-team-logging-cache: miss`` and stores it once it has been sent
-completely. See :mod:`~.cache` for the key, the opt-outs and what is stored.
+calls the app, marks its answer ``x-team-logging-cache: miss`` and stores it as the app sends the
+final body message (before forwarding it, so the next identical request finds it). See
+:mod:`~.cache` for the key, the opt-outs and what is stored.
 """
 
 from __future__ import annotations
@@ -370,16 +371,15 @@ class TeamLoggingMiddleware:
                 await session.replay(recorder.send)
                 return
             else:
-                await self.app(scope, recorder.receive, session.wrap_send(recorder.send))
+                send_and_fill = session.wrap_send(
+                    recorder.send, lambda: recorder.disconnected or recorder.send_failed
+                )
+                await self.app(scope, recorder.receive, send_and_fill)
         except BaseException as exc:
             exc_seen = exc
             raise
         finally:
             self._submit(recorder, scope, start_time, start_perf, plan, caller, exc_seen, cache_hit)
-        if session is not None:
-            # Only after the app returned normally, and once the client has the whole answer:
-            # storing never delays a byte of it.
-            await session.store(client_gone=recorder.disconnected or recorder.send_failed)
 
     async def _open_cache(
         self, scope: Scope, recorder: ExchangeRecorder, plan: Plan
