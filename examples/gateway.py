@@ -19,6 +19,9 @@ What it serves (master key ``sk-1234`` unless ``TLM_MASTER_KEY`` is set):
   LiteLLM docs' ``curl`` commands work verbatim against ``http://localhost:4000``.
 
 Everything is wrapped in ``TeamLoggingMiddleware``; the lifespan starts and stops delivery.
+Teams with ``cache_enabled`` (``PATCH /team/{team_id}/settings``) get identical requests answered
+from a response cache: in this process's memory, or -- with ``--redis-url`` -- in Redis, which
+then also holds the settings and keys, so several replicas share one state.
 Environment: ``HOST``, ``PORT``, ``TLM_MASTER_KEY``, ``TLM_DB``, ``TLM_CONFIG``, ``TLM_UPSTREAM``,
 ``TLM_UPSTREAM_KEY``, ``TLM_REDIS_URL``, ``TLM_ENCRYPTION_KEY``, ``TLM_ENV_ALLOWLIST``
 (comma-separated glob patterns), ``TLM_JSONL_DIR``, ``TLM_FLUSH_INTERVAL`` (seconds),
@@ -64,6 +67,7 @@ from team_logging_middleware.admin import (
     unexpected_error_response,
     validation_error,
 )
+from team_logging_middleware.cache import ResponseCache
 from team_logging_middleware.config import StaticConfig
 from team_logging_middleware.errors import SettingsError, StoreUnavailableError
 from team_logging_middleware.middleware import TeamLoggingMiddleware
@@ -477,6 +481,15 @@ class Gateway:
     settings: GatewaySettings
 
 
+def _build_cache(settings: GatewaySettings) -> ResponseCache | None:
+    """Redis when replicas share state; else None (the runtime's in-memory cache)."""
+    if not settings.redis_url:
+        return None
+    from team_logging_middleware.cache import RedisResponseCache
+
+    return RedisResponseCache(settings.redis_url)
+
+
 def _build_store(settings: GatewaySettings) -> SettingsStore:
     if settings.encryption_key is None:
         logger.warning(
@@ -535,6 +548,7 @@ def create_gateway(settings: GatewaySettings) -> Gateway:
         registry=registry,
         env_allowlist=env_allowlist,
         dispatcher_options=dispatcher_options,
+        cache=_build_cache(settings),
     )
 
     async def authorize(request: Request, team_id: str | None) -> Principal | None:
@@ -834,6 +848,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"team-logging demo gateway on http://{settings.host}:{settings.port} "
         f"(store: {'redis' if settings.redis_url else settings.db}, "
+        f"response cache: {'redis' if settings.redis_url else 'memory'}, "
         f"config: {settings.config or 'none'}, "
         f"upstream: {settings.upstream or 'mock model'})",
         file=sys.stderr,
