@@ -199,39 +199,51 @@ class GatewayUnderTest:
 StartGateway = Callable[..., Awaitable[GatewayUnderTest]]
 
 
-@pytest.fixture
-async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
-    """Factory: ``await start_gateway(config={...}, **GatewaySettings fields)``."""
+@contextlib.asynccontextmanager
+async def gateway_factory(tmp_path: Path) -> AsyncIterator[StartGateway]:
+    """Factory: ``await start(config={...}, **GatewaySettings fields)``; all stopped on exit.
+
+    ``config`` is written to a YAML file and used as the static config file; ``settings`` may
+    instead be a complete ``GatewaySettings`` (e.g. from ``GatewaySettings.from_args``).
+    """
     async with contextlib.AsyncExitStack() as stack:
         counter = itertools.count()
 
         async def start(
-            *, config: Mapping[str, Any] | None = None, **overrides: Any
+            *, config: Mapping[str, Any] | None = None, settings: Any = None, **overrides: Any
         ) -> GatewayUnderTest:
             n = next(counter)
-            config_path: str | None = None
-            if config is not None:
-                path = tmp_path / f"config{n}.yaml"
-                path.write_text(yaml.safe_dump(dict(config)))
-                config_path = str(path)
-            logs = tmp_path / "logs"
-            options: dict[str, Any] = {
-                "db": str(tmp_path / f"gateway{n}.db"),
-                "config": config_path,
-                "master_key": MASTER,
-                "master_key_defaulted": False,
-                "jsonl_dir": str(logs),
-                "flush_interval": 0.01,
-                **overrides,
-            }
-            gateway = gw.create_gateway(gw.GatewaySettings(**options))
+            if settings is None:
+                config_path: str | None = None
+                if config is not None:
+                    path = tmp_path / f"config{n}.yaml"
+                    path.write_text(yaml.safe_dump(dict(config)))
+                    config_path = str(path)
+                options: dict[str, Any] = {
+                    "db": str(tmp_path / f"gateway{n}.db"),
+                    "config": config_path,
+                    "master_key": MASTER,
+                    "master_key_defaulted": False,
+                    "jsonl_dir": str(tmp_path / "logs"),
+                    "flush_interval": 0.01,
+                    **overrides,
+                }
+                settings = gw.GatewaySettings(**options)
+            gateway = gw.create_gateway(settings)
             tracker = CallTracker(gateway.app)
             base_url = await stack.enter_async_context(run_uvicorn_async(tracker))
             client = await stack.enter_async_context(
                 httpx.AsyncClient(base_url=base_url, timeout=DEADLINE)
             )
-            return GatewayUnderTest(gateway, tracker, client, logs)
+            return GatewayUnderTest(gateway, tracker, client, Path(settings.jsonl_dir))
 
+        yield start
+
+
+@pytest.fixture
+async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
+    """The example gateway factory of :func:`gateway_factory`, for one test."""
+    async with gateway_factory(tmp_path) as start:
         yield start
 
 
