@@ -48,6 +48,7 @@ from typing import Any
 from ..errors import MissingDependencyError, SettingsError, SinkError
 from ..records import LogRecord
 from .base import SinkContext, SinkType
+from .jsonl import json_line, utf8
 from .otel import run_blocking
 
 logger = logging.getLogger("team_logging_middleware.sinks.gcs")
@@ -163,12 +164,9 @@ def _random_suffix() -> str:
 
 
 def ndjson(batch: Sequence[LogRecord]) -> bytes:
-    """One ``to_dict()`` JSON document per line, UTF-8."""
-    lines = (
-        json.dumps(record.to_dict(), ensure_ascii=False, default=str, separators=(",", ":"))
-        for record in batch
-    )
-    return ("\n".join(lines) + "\n").encode()
+    """One ``to_dict()`` JSON document per line, UTF-8 (see :func:`.jsonl.json_line`)."""
+    lines = (json_line(record.to_dict(), separators=(",", ":")) for record in batch)
+    return utf8("\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------------------------

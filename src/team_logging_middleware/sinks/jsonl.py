@@ -20,6 +20,7 @@ import os
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..errors import SettingsError, SinkError
 from ..records import LogRecord
@@ -66,12 +67,35 @@ def resolve_jsonl_path(base_dir: Path, value: str) -> Path:
     return target
 
 
+def json_line(value: Any, separators: tuple[str, str] | None = None) -> str:
+    """``value`` as JSON that every line reader sees as one line.
+
+    ``default=str``: a user-supplied metadata value that JSON cannot express is written as text
+    rather than losing the whole batch. U+2028, U+2029 and U+0085 are valid raw inside JSON
+    strings, but ``str.splitlines()`` and JavaScript break lines at them, and clients choose the
+    text: they are written as escapes, which decode to the same string.
+    """
+    text = json.dumps(value, ensure_ascii=False, default=str, separators=separators)
+    if "\u2028" in text or "\u2029" in text or "\x85" in text:
+        text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+        text = text.replace("\x85", "\\u0085")
+    return text
+
+
+def utf8(text: str) -> bytes:
+    """``text`` as UTF-8; a lone surrogate becomes U+FFFD instead of failing the whole batch.
+
+    A client's JSON may hold escapes such as ``"\\ud800"``: valid JSON, decoded into a string
+    that has no UTF-8 encoding.
+    """
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
+
+
 def _serialise(batch: Sequence[LogRecord]) -> bytes:
-    # default=str: a user-supplied metadata value that JSON cannot express is written as text
-    # rather than losing the whole batch.
-    return "".join(
-        json.dumps(record.to_dict(), ensure_ascii=False, default=str) + "\n" for record in batch
-    ).encode("utf-8")
+    return utf8("".join(json_line(record.to_dict()) + "\n" for record in batch))
 
 
 class JsonlSink:
