@@ -551,6 +551,16 @@ def create_gateway(settings: GatewaySettings) -> Gateway:
         cache=_build_cache(settings),
     )
 
+    def forget_cached_keys(team_id: str) -> None:
+        # A key's switches (logging_enabled, message_logging, its entries) live in the cached
+        # Caller. Another replica's /key/update reaches us only as a change notification for
+        # the key's team, which does not say which key changed: forget every cached key, or
+        # a key switched off elsewhere would keep logging here until its cache entry expired.
+        if tl.resolver is not None:
+            tl.resolver.invalidate()
+
+    store.subscribe(forget_cached_keys)
+
     async def authorize(request: Request, team_id: str | None) -> Principal | None:
         """Demo delegation: a key with ``metadata.team_admin: true`` manages its own team."""
         token = bearer_token(request.scope)
