@@ -770,6 +770,44 @@ async def test_rule4_disabled_logging_sends_nothing_anywhere(
         assert langfuse_ids(fake_langfuse, p_team) == ["after-enable", "sentinel"]
 
 
+async def test_rule4_a_key_switched_off_on_one_replica_is_off_on_every_replica(
+    start_gateway: StartGateway, redis_url: str, tmp_path: Path
+) -> None:
+    """Two gateway replicas sharing the Redis store: ``/key/update`` on one switches the key off
+    (and tightens its message logging) on the other at once, not when a cached key expires."""
+    first = await start_gateway(redis_url=redis_url)
+    second = await start_gateway(redis_url=redis_url)
+    entry = jsonl_entry("replicated.jsonl")
+    off = await first.key("t", key_alias="off", metadata={"logging": [entry]})
+    private = await first.key("t", key_alias="private", metadata={"logging": [entry]})
+    sentinel = await first.key("t", key_alias="sentinel", metadata={"logging": [entry]})
+    # The second replica resolves (and caches) both keys while they still log in full.
+    await second.chat(off, "before")
+    await second.chat(private, "private-before")
+    await second.settle()
+    assert second.jsonl_ids("replicated.jsonl") == ["before", "private-before"]
+
+    notified = asyncio.Event()
+    second.tl.store.subscribe(lambda team_id: notified.set() if team_id == "t" else None)
+    await first.ok("POST", "/key/update", {"key": off, "metadata": {"logging_enabled": False}})
+    await wait_until(notified.is_set, "the change notification on the second replica")
+    notified.clear()
+    await first.ok(
+        "POST", "/key/update", {"key": private, "metadata": {"message_logging": "metadata_only"}}
+    )
+    await wait_until(notified.is_set, "the second change notification")
+
+    await second.chat(off, "after", text="switched off elsewhere")
+    await second.chat(private, "private-after", text="keep this out")
+    await second.chat(sentinel, "sentinel")
+    await second.settle()
+    records = {r["request_id"]: r for r in second.jsonl("replicated.jsonl")}
+    assert sorted(records) == ["before", "private-after", "private-before", "sentinel"]
+    assert records["private-after"]["redacted"] is True
+    raw = (tmp_path / "logs" / "replicated.jsonl").read_bytes()
+    assert b"switched off elsewhere" not in raw and b"keep this out" not in raw
+
+
 async def test_rule4_clients_cannot_add_destinations_to_an_enabled_team(
     start_gateway: StartGateway,
 ) -> None:
