@@ -822,6 +822,117 @@ async def test_rule4_clients_cannot_add_destinations_to_an_enabled_team(
     assert sorted(p.name for p in gateway.logs.iterdir()) == ["open.jsonl"]
 
 
+@pytest.mark.parametrize("how", ["team", "key"])
+async def test_rule4_cache_hits_of_a_disabled_team_or_key_reach_no_destination(
+    start_gateway: StartGateway, fake_langfuse: FakeLangfuse, how: str
+) -> None:
+    p_team, p_key = fake_langfuse.add_project(name="team"), fake_langfuse.add_project(name="key")
+    team_entries = [jsonl_entry("gdpr-team.jsonl"), langfuse_entry(fake_langfuse, p_team)]
+    key_entries = [jsonl_entry("gdpr-key.jsonl"), langfuse_entry(fake_langfuse, p_key)]
+    gateway = await start_gateway(config={"default_callbacks": [jsonl_entry("default.jsonl")]})
+    for entry in team_entries:
+        await gateway.add_callback("gdpr", entry)
+    await gateway.ok("PATCH", "/team/gdpr/settings", {"cache_enabled": True})
+    off = await gateway.key("gdpr", key_alias="off", metadata={"logging": key_entries})
+    # Prime the team's cache while everything still logs: this one is expected everywhere.
+    primed = await gateway.chat(off, "prime", text="cached gdpr question")
+    assert primed.headers["x-team-logging-cache"] == "miss"
+    if how == "team":
+        await gateway.ok("PATCH", "/team/gdpr/settings", {"logging_enabled": False})
+    else:
+        await gateway.ok(
+            "POST", "/key/update", {"key": off, "metadata": {"logging_enabled": False}}
+        )
+    on = await gateway.key("open", key_alias="on", metadata={"logging": team_entries + key_entries})
+
+    hit = await gateway.chat(off, "off-hit", text="cached gdpr question")
+    assert hit.headers["x-team-logging-cache"] == "hit"
+    assert hit.json() == primed.json()
+    streamed = await gateway.chat(off, "off-stream-miss", text="cached gdpr question", stream=True)
+    assert streamed.headers["x-team-logging-cache"] == "miss"
+    streamed_hit = await gateway.chat(
+        off, "off-stream-hit", text="cached gdpr question", stream=True
+    )
+    assert streamed_hit.headers["x-team-logging-cache"] == "hit"
+    await gateway.chat(
+        off, "off-hit-override", text="cached gdpr question", headers=OVERRIDE_HEADERS
+    )
+    await gateway.chat(on, "sentinel")
+    for name in ("default.jsonl", "gdpr-team.jsonl", "gdpr-key.jsonl"):
+        await wait_for_ids(lambda n=name: gateway.jsonl_ids(n), ["sentinel"], name)
+    for project in (p_team, p_key):
+        await wait_for_ids(lambda p=project: langfuse_ids(fake_langfuse, p), ["sentinel"], "span")
+    await gateway.settle()
+
+    for name in ("default.jsonl", "gdpr-team.jsonl", "gdpr-key.jsonl"):
+        assert gateway.jsonl_ids(name) == ["prime", "sentinel"], name
+    for project in (p_team, p_key):
+        assert langfuse_ids(fake_langfuse, project) == ["prime", "sentinel"]
+    assert not any(r["cache_hit"] for r in gateway.jsonl("default.jsonl"))
+
+
+async def test_cache_hits_are_logged_per_plan_and_never_shared_between_teams(
+    start_gateway: StartGateway, fake_langfuse: FakeLangfuse
+) -> None:
+    project = fake_langfuse.add_project(name="a")
+    gateway = await start_gateway()
+    await gateway.add_callback("a", jsonl_entry("a.jsonl"))
+    await gateway.add_callback("a", langfuse_entry(fake_langfuse, project))
+    await gateway.add_callback("b", jsonl_entry("b.jsonl"))
+    for team in ("a", "b"):
+        await gateway.ok("PATCH", f"/team/{team}/settings", {"cache_enabled": True})
+    a_full = await gateway.key("a", key_alias="full")
+    a_private = await gateway.key(
+        "a", key_alias="private", metadata={"message_logging": "metadata_only"}
+    )
+    b_key = await gateway.key("b")
+
+    question = "what is cached here"
+    answers = {}
+    for key, rid in (
+        (a_full, "a-miss"),
+        (a_full, "a-hit"),
+        (a_private, "a-private-hit"),  # one cache per team; the key's own switches still apply
+        (b_key, "b-miss"),  # another team never gets team a's answer
+        (b_key, "b-hit"),
+    ):
+        response = await gateway.chat(key, rid, text=question)
+        answers[rid] = (response.headers["x-team-logging-cache"], response.json()["id"])
+    await gateway.settle()
+
+    assert {rid: state for rid, (state, _) in answers.items()} == {
+        "a-miss": "miss",
+        "a-hit": "hit",
+        "a-private-hit": "hit",
+        "b-miss": "miss",
+        "b-hit": "hit",
+    }
+    assert answers["a-hit"][1] == answers["a-miss"][1] == answers["a-private-hit"][1]
+    assert answers["b-miss"][1] != answers["a-miss"][1]
+
+    a_records = {r["request_id"]: r for r in gateway.jsonl("a.jsonl")}
+    assert sorted(a_records) == ["a-hit", "a-miss", "a-private-hit"]
+    assert [a_records[r]["cache_hit"] for r in ("a-miss", "a-hit", "a-private-hit")] == [
+        False,
+        True,
+        True,
+    ]
+    assert a_records["a-hit"]["output"] == "You said: what is cached here"
+    assert a_records["a-hit"]["usage"] == a_records["a-miss"]["usage"]
+    private = a_records["a-private-hit"]
+    assert (private["redacted"], private["messages"], private["output"]) == (
+        True,
+        REDACTED,
+        REDACTED,
+    )
+    views = langfuse_by_id(fake_langfuse, project)
+    assert sorted(views) == ["a-hit", "a-miss", "a-private-hit"]
+    assert "cache_hit" in views["a-hit"]["trace"]["tags"]
+    assert "cache_hit" not in views["a-miss"]["trace"]["tags"]
+    assert views["a-private-hit"]["input"] == REDACTED
+    assert gateway.jsonl_ids("b.jsonl") == ["b-hit", "b-miss"]
+
+
 # -- rule 5: metadata_only, the stricter of team and key, in every destination ---------------
 
 LOOSEN_HEADERS = {"x-message-logging": "full", "x-team-logging-message-logging": "full"}
