@@ -210,6 +210,11 @@ def test_two_replicas_share_state_through_redis_and_survive_its_restart(
             return lambda: all(t.done >= mark for t, mark in zip(traffic, marks, strict=True))
 
         wait_until(each_served(3), "traffic before the crash")
+        # A production Redis persists its data; so does this one, by a snapshot taken before
+        # the crash (the server runs without automatic snapshots). Without it the restart would
+        # forget every key, and the replicas rightly answer 401 to keys that no longer exist.
+        with redis_server.client() as raw:
+            raw.save()
         redis_server.stop(kill=True)
         wait_until(each_served(5), "traffic while Redis is down")
         for client in (a, b):
@@ -220,7 +225,7 @@ def test_two_replicas_share_state_through_redis_and_survive_its_restart(
             )
             assert response.status_code == 503, response.text
             assert response.json()["error"]["type"] == "store_unavailable"
-        redis_server.start()  # the same port; empty (no persistence)
+        redis_server.start()  # the same port and directory: it loads the snapshot
         # The next admin write after Redis is back succeeds, on the first try.
         response = a.post(
             f"/team/{TEAM}/callback",
@@ -250,8 +255,6 @@ def test_two_replicas_share_state_through_redis_and_survive_its_restart(
         health = b.get("/health", headers=ADMIN)
         assert health.status_code == 200, health.text
         cache = health.json()["cache"]
-        # B answered from Redis before the crash; "available" turns true again only once B's
-        # cache is used again, which its team's (lost) settings no longer ask for.
         assert cache["backend"] == "redis" and cache["hits"] >= 1
         assert REDIS_PASSWORD not in health.text
     finally:

@@ -421,7 +421,8 @@ class RedisResponseCache:
     ``redis://host:port/db`` (never the URL's credentials). After a failure the cache is not
     asked again for ``retry_interval`` seconds (those lookups count as ``skipped``), so an outage
     costs each request nothing instead of a timeout; then one request probes, and the cache
-    resumes as soon as Redis answers.
+    resumes as soon as Redis answers. ``stats()["available"]`` is false from a failure until a
+    later call succeeds.
 
     Args:
         url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` or ``unix://``.
