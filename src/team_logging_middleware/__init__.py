@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 from ._types import Caller, Destination, Plan
 from .admin import Principal, create_admin_app
+from .cache import CachedResponse, MemoryResponseCache, RedisResponseCache, ResponseCache
 from .config import StaticConfig
 from .dispatcher import Dispatcher, FlushReport
 from .errors import (
@@ -37,6 +38,7 @@ from .sinks.base import CheckableSink, Sink, SinkContext, SinkRegistry, SinkType
 __all__ = [
     "DEFAULT_ROUTES",
     "CachedResolver",
+    "CachedResponse",
     "CallbackSpec",
     "Caller",
     "CheckableSink",
@@ -48,11 +50,14 @@ __all__ = [
     "FlushReport",
     "KeyLoggingSettings",
     "LogRecord",
+    "MemoryResponseCache",
     "MissingDependencyError",
     "Plan",
     "Planner",
     "Principal",
+    "RedisResponseCache",
     "Resolver",
+    "ResponseCache",
     "SettingsError",
     "Sink",
     "SinkContext",

@@ -297,6 +297,10 @@ class TeamLoggingMiddleware:
         self.max_response_bytes = max_response_bytes
         self.max_cache_request_bytes = max_cache_request_bytes
         self.stats = RequestPathStats()
+        # Resolver/planner/submit failures are counted here; /health shows them via the runtime.
+        attach = getattr(team_logging, "attach_request_path", None)
+        if attach is not None:
+            attach(self.stats.as_dict)
         if callable(routes):
             self._is_logged: RoutePredicate = routes
         else:

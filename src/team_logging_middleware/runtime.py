@@ -105,6 +105,7 @@ class TeamLogging:
         self._own_store = own_store
         self._started = False
         self._lock = asyncio.Lock()
+        self._request_path_stats: list[Callable[[], Mapping[str, int]]] = []
 
     # -- the request path -------------------------------------------------------------------
 
@@ -161,6 +162,18 @@ class TeamLogging:
 
     # -- introspection ------------------------------------------------------------------------
 
+    def attach_request_path(self, stats: Callable[[], Mapping[str, int]]) -> None:
+        """Let a middleware report its request-path counters (resolver errors, ...) in health."""
+        self._request_path_stats.append(stats)
+
+    def request_path_stats(self) -> dict[str, int]:
+        """The request-path counters of every middleware using this runtime, added up."""
+        totals: dict[str, int] = {}
+        for stats in self._request_path_stats:
+            for name, value in stats().items():
+                totals[name] = totals.get(name, 0) + value
+        return totals
+
     async def health(self) -> dict[str, Any]:
         """Figures for ``/health``: dispatcher, planner, resolver, cache and store; no secrets."""
         try:
@@ -174,6 +187,7 @@ class TeamLogging:
             "resolver": self.resolver.stats() if self.resolver is not None else None,
             "store": store_health,
             "cache": self._cache_stats(),
+            "request_path": self.request_path_stats(),
         }
 
     def _cache_stats(self) -> dict[str, Any]:
