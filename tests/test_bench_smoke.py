@@ -291,7 +291,10 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     # Every span our Langfuse servers reported sent reached the fake Langfuse, and was decoded.
     delivery = report["langfuse_delivery"]
     assert delivery["sent_by_servers"] > 0
-    assert delivery["received_by_fake"] == delivery["sent_by_servers"]
+    if delivery["all_drained"]:
+        assert delivery["received_by_fake"] == delivery["sent_by_servers"]
+    else:  # a server stopped with records queued flushed them on shutdown: more, never fewer
+        assert delivery["received_by_fake"] >= delivery["sent_by_servers"]
 
     disp = report["dispatcher"]
     assert disp is not None and disp["sent"] > 0 and disp["records_per_cpu_second"] > 0
