@@ -141,7 +141,7 @@ class Peer:
     """
 
     def __init__(self, chunks: list[bytes] | None = None, *, no_body: bool = False) -> None:
-        parts = [b""] if not chunks else chunks
+        parts = chunks or [b""]
         self.inbox: list[Message] = (
             []
             if no_body
@@ -390,7 +390,7 @@ async def test_websocket_echo_through_uvicorn(tmp_path: Path) -> None:
         assert gw.team_logging.dispatcher.stats()["submitted"] == 0
 
 
-# -- clients that leave, apps that raise ------------------------------------------------------------
+# -- clients that leave, apps that raise --------------------------------------------------------
 
 
 def _sse(text: str) -> bytes:
@@ -526,7 +526,7 @@ async def test_odd_traffic_through_uvicorn(tmp_path: Path) -> None:
     assert len(truncated) == 1 and truncated[0].response_truncated
 
 
-# -- anything at all --------------------------------------------------------------------------------
+# -- anything at all ----------------------------------------------------------------------------
 
 chunk_lists = st.lists(st.binary(max_size=3000), min_size=1, max_size=5)
 header_values = st.binary(min_size=0, max_size=300).map(
@@ -549,7 +549,7 @@ header_values = st.binary(min_size=0, max_size=300).map(
         max_size=6,
     )
 )
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_any_bytes_pass_through_unchanged_and_are_logged(
     tmp_path_factory: pytest.TempPathFactory,
     requests: list[tuple[list[bytes], list[bytes], bytes, int, bytes]],

@@ -89,6 +89,10 @@ def _langfuse(fake: FakeLangfuse, project: Project) -> CallbackSpec:
     )
 
 
+def p50(latencies: Sequence[float]) -> float:
+    return sorted(latencies)[len(latencies) // 2]
+
+
 def p99(latencies: Sequence[float]) -> float:
     ordered = sorted(latencies)
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
@@ -271,7 +275,7 @@ async def test_a_failing_destination_never_fails_or_slows_a_request(
     teams = ["red", "blue"]
     destinations = {t: (fake_langfuse, fake_langfuse.add_project(name=t)) for t in teams}
     async with gateway(destinations, dispatcher=fault.dispatcher) as rig:
-        before, healthy = await rig.burst("before", 40, teams)
+        before, healthy = await rig.burst("before", 24, teams)
         report = await rig.team_logging.dispatcher.flush(timeout=DEADLINE)
         assert report.pending == 0 and report.dropped == 0
 
@@ -294,7 +298,7 @@ async def test_a_failing_destination_never_fails_or_slows_a_request(
                 "an export to reach the stalled server",
             )
         fault_started = time.monotonic()
-        during, faulty = await rig.burst("during", 60, teams)
+        during, faulty = await rig.burst("during", 40, teams)
         served_in = time.monotonic() - fault_started
 
         if fault.hangs:
@@ -302,6 +306,10 @@ async def test_a_failing_destination_never_fails_or_slows_a_request(
             assert served_in < SLOW_DELAY
             assert answered() == answered_before
             assert p99(faulty) < SLOW_TIMEOUT, "a request waited for the hanging destination"
+        print(
+            f"\n{fault.name}: p50/p99 {p50(healthy) * 1000:.1f}/{p99(healthy) * 1000:.1f} ms "
+            f"healthy, {p50(faulty) * 1000:.1f}/{p99(faulty) * 1000:.1f} ms during the fault"
+        )
         # Loose on purpose: a request path that waited on the destination would pay its
         # timeout, its Retry-After or its reconnects, not a few milliseconds.
         assert p99(faulty) < 10 * p99(healthy) + 0.5, (p99(healthy), p99(faulty))
@@ -333,7 +341,7 @@ async def test_a_failing_destination_never_fails_or_slows_a_request(
             await until(lambda: flapper.switches >= len(Flapper.CYCLE), "a full flapping cycle")
             flapper.stop()
 
-        after, _ = await rig.burst("after", 20, teams)
+        after, _ = await rig.burst("after", 12, teams)
         report = await rig.team_logging.dispatcher.flush(timeout=DEADLINE)
         assert report.pending == 0 and not report.timed_out
         stats = rig.team_logging.dispatcher.stats()
