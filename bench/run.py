@@ -723,9 +723,11 @@ class Bench:
         for teams in cfg.teams_scale:
             servers = self.start_servers([(f"teams-{teams}", cfg.teams_variant, teams, host)])
             server = servers[f"teams-{teams}"]
+            m: dict[str, Any]
             try:
-                # Warm-up touches every team once (plans, resolver entries, live sinks).
-                run_wrk(
+                # Warm-up touches every team once (plans, resolver entries, live sinks); how
+                # long the server then stays busy delivering is itself a result.
+                warm = run_wrk(
                     server.url,
                     "json",
                     connections=50,
@@ -733,17 +735,26 @@ class Bench:
                     teams=teams,
                     core=self.client_core,
                 )
-                server.wait_idle(quiet=cfg.idle_quiet, deadline=time.monotonic() + 30)
-                m = self.measure(server, "json", seconds=cfg.teams_duration, teams=teams)
+                settle = server.wait_idle(quiet=cfg.idle_quiet, deadline=time.monotonic() + 30)
+                try:
+                    m = self.measure(server, "json", seconds=cfg.teams_duration, teams=teams)
+                except BenchError as exc:
+                    # A server too busy delivering to answer is a finding, not a crash.
+                    m = {"error": str(exc), "requests": 0, "rps": 0.0}
+                m.update(warmup_requests=warm["requests"], settle_s=round(settle, 1))
             finally:
                 # Thousands of lanes drain slowly; the CPU of the drain was measured already.
                 self.retire([server], drain_seconds=5.0)
             m.update(variant=cfg.teams_variant, teams=teams)
             out.append(m)
-            log(
-                f"  teams {teams:5} {cfg.teams_variant}: {m['rps']:9.0f} req/s  "
-                f"{m['cpu_us_per_req']:7.1f} µs CPU/req  RSS {m['rss_after_mb']:.1f} MB"
-            )
+            if "error" in m:
+                log(f"  teams {teams:5} {cfg.teams_variant}: {m['error']}")
+            else:
+                log(
+                    f"  teams {teams:5} {cfg.teams_variant}: {m['rps']:9.0f} req/s  "
+                    f"{m['cpu_us_per_req']:7.1f} µs CPU/req  RSS {m['rss_after_mb']:.1f} MB  "
+                    f"(busy {m['settle_s']} s after the warm-up)"
+                )
         return out
 
     def run_soak(self) -> dict[str, Any] | None:
@@ -1085,15 +1096,25 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             "JSON requests spread round-robin over N keys, each of its own team and destination.",
             "",
-            "| variant | teams | req/s | CPU µs/req | p99 ms | RSS MB |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| variant | teams | busy after warm-up s | req/s | CPU µs/req | p99 ms | RSS MB |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for t in report["teams_scale"]:
+            if "error" in t:
+                lines.append(
+                    f"| {t['variant']} | {t['teams']} | {_fmt(t.get('settle_s'))} | 0 | - | - | - |"
+                )
+                continue
             lines.append(
-                f"| {t['variant']} | {t['teams']} | {_fmt(t['rps'], '.0f')} "
-                f"| {_fmt(t['cpu_us_per_req'])} "
+                f"| {t['variant']} | {t['teams']} | {_fmt(t.get('settle_s'))} "
+                f"| {_fmt(t['rps'], '.0f')} | {_fmt(t['cpu_us_per_req'])} "
                 f"| {_fmt(t['p99_ms'], '.2f')} | {_fmt(t['rss_after_mb'])} |"
             )
+        lines += [
+            "",
+            '"busy after warm-up": seconds the server kept using CPU (delivering) after '
+            f"{c['warmup_s']} s of load; 0 req/s: no request completed while it was measured.",
+        ]
     soak = report.get("soak")
     if soak:
         lines += [
