@@ -116,6 +116,7 @@ def test_sigterm_delivers_every_queued_record_to_a_slow_destination(
     assert fake_langfuse.span_count(project.public_key) < count
 
     elapsed = terminate(proc, deadline + 10)
+    print(f"\nshutdown: {count} queued records delivered, exit {elapsed:.2f}s after SIGTERM")
 
     assert proc.returncode in EXIT_CODES
     assert elapsed < deadline
@@ -152,6 +153,7 @@ def test_sigterm_with_a_hanging_destination_exits_at_the_deadline_and_reports_lo
     )
 
     elapsed = terminate(proc, 20.0)
+    print(f"\nshutdown with a hanging destination: exit {elapsed:.2f}s after SIGTERM")
 
     assert proc.returncode in EXIT_CODES
     assert elapsed < hang / 4  # it did not wait for the destination
