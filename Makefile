@@ -37,5 +37,8 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	$(BIN)/python -m bench.run --smoke
 
+soak: $(STAMP)
+	TLM_SOAK_REQUESTS=100000 $(BIN)/python -m pytest -q -s tests/test_soak.py
+
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build dist
