@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,10 @@ from team_logging_middleware.errors import SettingsError, SinkError
 from team_logging_middleware.records import LogRecord, Usage
 from team_logging_middleware.settings import CallbackSpec
 from team_logging_middleware.sinks import gcs
-from team_logging_middleware.sinks.base import SinkContext
 from team_logging_middleware.sinks.gcs import SINK_TYPE, GcsBucketSink
 from team_logging_middleware.sinks.otel import BLOCKING_THREAD_PREFIX, BLOCKING_WORKERS
 from tests.fixtures.gcs_server import GcsServer
+from tests.helpers import SinkMaker, sample_record
 
 # 2024-02-29T23:59:59.5Z: the date folder comes from the first record's start, in UTC.
 START = 1_709_251_199.5
@@ -34,16 +34,10 @@ NAME = re.compile(
 
 
 def make_record(**overrides: Any) -> LogRecord:
-    fields: dict[str, Any] = {
-        "request_id": "req-1",
+    defaults: dict[str, Any] = {
         "team_id": "team-1",
         "key_alias": "alias-1",
         "user_id": None,
-        "route": "/v1/chat/completions",
-        "method": "POST",
-        "call_type": "chat.completions",
-        "outcome": "ok",
-        "status_code": 200,
         "start_time": START,
         "end_time": START + 0.75,
         "model": "gpt-4o-mini",
@@ -51,35 +45,15 @@ def make_record(**overrides: Any) -> LogRecord:
         "output": "hi",
         "usage": Usage(5, 1, 6),
     }
-    fields.update(overrides)
-    return LogRecord(**fields)
-
-
-@pytest.fixture(scope="module")
-def shared_http() -> Iterator[httpx.AsyncClient]:
-    client = httpx.AsyncClient()
-    yield client
-    asyncio.run(client.aclose())
+    return sample_record(defaults, overrides)
 
 
 @pytest.fixture
-async def make_sink(shared_http: httpx.AsyncClient) -> AsyncIterator[Callable[..., GcsBucketSink]]:
-    """Builds destinations through the sink type's factory; closes them at teardown."""
-    sinks: list[GcsBucketSink] = []
-
-    def make(
-        callback_vars: dict[str, str], *, team_id: str | None = "team-1", timeout: float = 5.0
-    ) -> GcsBucketSink:
-        sink = SINK_TYPE.factory(
-            callback_vars, SinkContext(http=shared_http, team_id=team_id, timeout=timeout)
-        )
-        assert isinstance(sink, GcsBucketSink)
-        sinks.append(sink)
-        return sink
-
-    yield make
-    for sink in sinks:
-        await sink.aclose()
+async def make_sink(shared_http: httpx.AsyncClient) -> AsyncIterator[SinkMaker[GcsBucketSink]]:
+    """Builds destinations through the sink type's factory; closes them all at teardown."""
+    maker = SinkMaker(SINK_TYPE, GcsBucketSink, shared_http)
+    yield maker
+    await maker.aclose()
 
 
 def read_ndjson(server: GcsServer, bucket: str, name: str) -> list[dict[str, Any]]:

@@ -34,21 +34,16 @@ from team_logging_middleware.sinks.langfuse import (
     langfuse_span,
 )
 from tests.fixtures.fake_langfuse import FakeLangfuse, Project, decode_export, flatten_spans
+from tests.helpers import sample_record
 
 START = 1_714_564_800.0  # 2024-05-01T12:00:00Z
 
 
 def make_record(**overrides: Any) -> LogRecord:
-    fields: dict[str, Any] = {
-        "request_id": "req-1",
+    defaults: dict[str, Any] = {
         "team_id": "team-a",
         "key_alias": "ci-key",
         "user_id": "user-9",
-        "route": "/v1/chat/completions",
-        "method": "POST",
-        "call_type": "chat.completions",
-        "outcome": "ok",
-        "status_code": 200,
         "start_time": START,
         "end_time": START + 1.25,
         "completion_start_time": START + 1.2,
@@ -65,8 +60,7 @@ def make_record(**overrides: Any) -> LogRecord:
         "usage": Usage(input_tokens=12, output_tokens=5, total_tokens=17),
         "metadata": {"key_id": "k-1"},
     }
-    fields.update(overrides)
-    return LogRecord(**fields)
+    return sample_record(defaults, overrides)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -20,7 +20,6 @@ from team_logging_middleware.errors import SettingsError, SinkError
 from team_logging_middleware.records import REDACTED, LogRecord, Usage
 from team_logging_middleware.settings import CallbackSpec
 from team_logging_middleware.sinks import otel
-from team_logging_middleware.sinks.base import SinkContext
 from team_logging_middleware.sinks.otel import (
     BLOCKING_THREAD_PREFIX,
     BLOCKING_WORKERS,
@@ -28,6 +27,7 @@ from team_logging_middleware.sinks.otel import (
     OtelSink,
 )
 from tests.fixtures.otlp_receiver import OtlpReceiver
+from tests.helpers import SinkMaker, sample_record
 
 START = 1_717_171_717.25  # 2024-05-31T16:08:37.25Z
 END = START + 1.5
@@ -36,16 +36,10 @@ STATUS_ERROR = 2
 
 
 def make_record(**overrides: Any) -> LogRecord:
-    fields: dict[str, Any] = {
-        "request_id": "req-1",
+    defaults: dict[str, Any] = {
         "team_id": "team-1",
         "key_alias": "alias-1",
         "user_id": "user-1",
-        "route": "/v1/chat/completions",
-        "method": "POST",
-        "call_type": "chat.completions",
-        "outcome": "ok",
-        "status_code": 200,
         "start_time": START,
         "end_time": END,
         "completion_start_time": START + 0.25,
@@ -61,35 +55,15 @@ def make_record(**overrides: Any) -> LogRecord:
         "finish_reason": "stop",
         "usage": Usage(input_tokens=12, output_tokens=1, total_tokens=13),
     }
-    fields.update(overrides)
-    return LogRecord(**fields)
-
-
-@pytest.fixture(scope="module")
-def shared_http() -> Iterator[httpx.AsyncClient]:
-    """The context's shared pool (unused by this sink; created once: building TLS state is slow)."""
-    client = httpx.AsyncClient()
-    yield client
-    asyncio.run(client.aclose())
+    return sample_record(defaults, overrides)
 
 
 @pytest.fixture
-async def make_sink(shared_http: httpx.AsyncClient) -> AsyncIterator[Callable[..., OtelSink]]:
+async def make_sink(shared_http: httpx.AsyncClient) -> AsyncIterator[SinkMaker[OtelSink]]:
     """Builds destinations through the sink type's factory; closes them all at teardown."""
-    sinks: list[OtelSink] = []
-
-    def make(
-        callback_vars: dict[str, str], *, team_id: str | None = "team-1", timeout: float = 5.0
-    ) -> OtelSink:
-        ctx = SinkContext(http=shared_http, team_id=team_id, timeout=timeout)
-        sink = SINK_TYPE.factory(callback_vars, ctx)
-        assert isinstance(sink, OtelSink)
-        sinks.append(sink)
-        return sink
-
-    yield make
-    for sink in sinks:
-        await sink.aclose()
+    maker = SinkMaker(SINK_TYPE, OtelSink, shared_http)
+    yield maker
+    await maker.aclose()
 
 
 # ---- delivery, per tenant ----------------------------------------------------------------------

@@ -1,0 +1,128 @@
+"""Plain helpers shared by several test modules (fixtures live in ``tests/fixtures``).
+
+* :func:`load_gateway` imports ``examples/gateway.py`` (not a package) once, under one module name
+  that every gateway test shares, so its registered sink types are registered once.
+* :func:`wait_for` (blocking) and :func:`wait_until` (async) poll a condition up to a deadline
+  instead of sleeping a fixed time.
+* :func:`read_jsonl` reads a JSONL destination file.
+* :func:`sample_record` builds a :class:`LogRecord` for sink tests from a module's own defaults.
+* :class:`SinkMaker` builds destinations through a sink type's factory and closes them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Generic, TypeVar
+
+import httpx
+
+from team_logging_middleware.records import LogRecord
+from team_logging_middleware.sinks.base import Sink, SinkContext, SinkType
+
+ROOT = Path(__file__).resolve().parents[1]
+GATEWAY_MODULE = "team_logging_example_gateway"
+
+SinkT = TypeVar("SinkT", bound=Sink)
+
+
+def load_gateway() -> ModuleType:
+    """``examples/gateway.py`` as a module, imported once under one name for every test."""
+    module = sys.modules.get(GATEWAY_MODULE)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(
+            GATEWAY_MODULE, ROOT / "examples" / "gateway.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[GATEWAY_MODULE] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+def wait_for(
+    predicate: Callable[[], Any], what: str, timeout: float, *, interval: float = 0.01
+) -> Any:
+    """Poll ``predicate`` (blocking) until it returns a truthy value, and return that value.
+
+    Fails naming ``what`` once ``timeout`` seconds have passed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+async def wait_until(
+    predicate: Callable[[], Any], what: str, timeout: float, *, interval: float = 0.005
+) -> None:
+    """Poll ``predicate`` from the event loop until it holds.
+
+    Fails naming ``what`` once ``timeout`` seconds have passed.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every record of a JSONL file; none when the file does not exist yet."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+# A successful chat completion call; each sink test module supplies the rest (team, times, model
+# and content) as its own defaults, since its assertions are written against those values.
+_RECORD_BASE: dict[str, Any] = {
+    "request_id": "req-1",
+    "route": "/v1/chat/completions",
+    "method": "POST",
+    "call_type": "chat.completions",
+    "outcome": "ok",
+    "status_code": 200,
+}
+
+
+def sample_record(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> LogRecord:
+    """A chat completion :class:`LogRecord`: the shared base, ``defaults``, then ``overrides``."""
+    return LogRecord(**{**_RECORD_BASE, **defaults, **overrides})
+
+
+class SinkMaker(Generic[SinkT]):
+    """``make(callback_vars, team_id=..., timeout=...)``: a destination from a sink type's factory.
+
+    Every destination built is closed by :meth:`aclose`; the factory's result is checked to be of
+    the expected class.
+    """
+
+    def __init__(self, sink_type: SinkType, sink_class: type[SinkT], http: httpx.AsyncClient):
+        self._sink_type = sink_type
+        self._sink_class = sink_class
+        self._http = http
+        self._sinks: list[SinkT] = []
+
+    def __call__(
+        self, callback_vars: dict[str, str], *, team_id: str | None = "team-1", timeout: float = 5.0
+    ) -> SinkT:
+        ctx = SinkContext(http=self._http, team_id=team_id, timeout=timeout)
+        sink = self._sink_type.factory(callback_vars, ctx)
+        assert isinstance(sink, self._sink_class)
+        self._sinks.append(sink)
+        return sink
+
+    async def aclose(self) -> None:
+        for sink in self._sinks:
+            await sink.aclose()
