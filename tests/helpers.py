@@ -6,6 +6,7 @@
   instead of sleeping a fixed time.
 * :func:`read_jsonl` reads a JSONL destination file.
 * :func:`sample_record` builds a :class:`LogRecord` for sink tests from a module's own defaults.
+* :func:`langfuse_team` builds the team settings the settings store tests save and read back.
 * :class:`SinkMaker` builds destinations through a sink type's factory and closes them all.
 """
 
@@ -24,10 +25,13 @@ from typing import Any, Generic, TypeVar
 import httpx
 
 from team_logging_middleware.records import LogRecord
+from team_logging_middleware.settings import CallbackSpec, TeamSettings
 from team_logging_middleware.sinks.base import Sink, SinkContext, SinkType
 
 ROOT = Path(__file__).resolve().parents[1]
 GATEWAY_MODULE = "team_logging_example_gateway"
+# How long a test waits for something that happens in the background (a delivery, a restart).
+DEADLINE = 15.0
 
 SinkT = TypeVar("SinkT", bound=Sink)
 
@@ -47,7 +51,7 @@ def load_gateway() -> ModuleType:
 
 
 def wait_for(
-    predicate: Callable[[], Any], what: str, timeout: float, *, interval: float = 0.01
+    predicate: Callable[[], Any], what: str, timeout: float = DEADLINE, *, interval: float = 0.01
 ) -> Any:
     """Poll ``predicate`` (blocking) until it returns a truthy value, and return that value.
 
@@ -64,7 +68,7 @@ def wait_for(
 
 
 async def wait_until(
-    predicate: Callable[[], Any], what: str, timeout: float, *, interval: float = 0.005
+    predicate: Callable[[], Any], what: str, timeout: float = DEADLINE, *, interval: float = 0.005
 ) -> None:
     """Poll ``predicate`` from the event loop until it holds.
 
@@ -126,3 +130,22 @@ class SinkMaker(Generic[SinkT]):
     async def aclose(self) -> None:
         for sink in self._sinks:
             await sink.aclose()
+
+
+def langfuse_team(
+    team_id: str,
+    secret_key: str,
+    *,
+    public_key: str = "pk-lf-public",
+    host: str | None = None,
+    **changes: Any,
+) -> TeamSettings:
+    """A team whose one destination is Langfuse; ``changes`` sets other team fields."""
+    callback_vars = {"langfuse_public_key": public_key, "langfuse_secret_key": secret_key}
+    if host is not None:
+        callback_vars["langfuse_host"] = host
+    return TeamSettings(
+        team_id=team_id,
+        callbacks=[CallbackSpec(callback_name="langfuse", callback_vars=callback_vars)],
+        **changes,
+    )

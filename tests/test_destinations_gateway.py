@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import importlib.util
 import json
 import re
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
@@ -39,11 +36,10 @@ from team_logging_middleware.records import LogRecord
 from team_logging_middleware.settings import CallbackSpec
 from tests.fixtures.gcs_server import GcsServer
 from tests.fixtures.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.helpers import load_gateway, wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
 MASTER = "sk-1234"
 AUTH = {"Authorization": f"Bearer {MASTER}"}
-DEADLINE = 15.0
 SPAN_KIND_CLIENT = 3
 # {prefix}/{team}/{YYYY-MM-DD}/{epoch_ms}-{random}.ndjson
 OBJECT_NAME = re.compile(
@@ -69,19 +65,6 @@ RECORD_FIELDS = frozenset(
 
 
 # -- the gateway ---------------------------------------------------------------------------------
-
-
-def load_gateway() -> ModuleType:
-    """``examples/gateway.py`` as a module (shared with the other gateway tests by name)."""
-    name = "team_logging_example_gateway"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / "gateway.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return module
 
 
 StartGateway = Callable[..., httpx.Client]
@@ -119,17 +102,6 @@ def start_gateway(uvicorn_server: Callable[..., str], tmp_path: Path) -> Iterato
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def add_callback(

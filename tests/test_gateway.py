@@ -23,23 +23,11 @@ from starlette.routing import Route
 
 from team_logging_middleware.sinks import unregister_callback
 from tests.fixtures.servers import run_uvicorn_async
+from tests.helpers import load_gateway, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 MASTER = "sk-test-master"
 AUTH = {"Authorization": f"Bearer {MASTER}"}
-
-
-def load_gateway() -> ModuleType:
-    """Import examples/gateway.py (not a package) once under a private name."""
-    name = "team_logging_example_gateway"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / "gateway.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return module
 
 
 gw = load_gateway()
@@ -94,12 +82,6 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
     yield start
     for item in reversed(stack):
         await item.__aexit__(None, None, None)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def openai_error_shape(response: httpx.Response, status: int) -> dict[str, Any]:

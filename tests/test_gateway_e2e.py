@@ -7,13 +7,9 @@ destination delivers in order), never by sleeping.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
@@ -21,41 +17,12 @@ import pytest
 
 from team_logging_middleware.records import REDACTED
 from tests.fixtures.fake_langfuse import FakeLangfuse
+from tests.helpers import load_gateway, read_jsonl, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 MASTER = "sk-1234"  # the gateway's documented default
 AUTH = {"Authorization": f"Bearer {MASTER}"}
 TEAM = "dbe2f686-a686-4896-864a-4c3924458709"  # the docs' team id
-DEADLINE = 15.0
-
-
-def load_gateway() -> ModuleType:
-    name = "team_logging_example_gateway"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / "gateway.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def records_until(path: Path, needle: str) -> list[dict[str, Any]]:

@@ -19,14 +19,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import importlib.util
 import itertools
 import json
-import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
@@ -44,8 +40,8 @@ from tests.fixtures.fake_langfuse import FakeLangfuse, Project, langfuse_view
 from tests.fixtures.gcs_server import GcsServer
 from tests.fixtures.otlp_receiver import OtlpReceiver
 from tests.fixtures.servers import run_uvicorn_async
+from tests.helpers import load_gateway, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
 MASTER = "sk-precedence-master"
 AUTH = {"Authorization": f"Bearer {MASTER}"}
 DEADLINE = 15.0
@@ -54,29 +50,7 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 
 
-def load_gateway() -> ModuleType:
-    """Import examples/gateway.py (not a package) once, under the name the other tests use."""
-    name = "team_logging_example_gateway"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / "gateway.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return module
-
-
 gw = load_gateway()
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 # -- the gateway under test ------------------------------------------------------------------

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.fixtures.redis_server import RedisServer
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,17 +31,6 @@ TEAM = "team-replicated"
 DEADLINE = 15.0
 CACHE_HEADER = "x-team-logging-cache"
 REDIS_PASSWORD = "replica-redis-pw-8675309"
-
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -175,7 +165,7 @@ def test_two_replicas_share_state_through_redis_and_survive_its_restart(
             outputs = {r.get("output") for r in read_jsonl(team_file)}
             return [p for p in probes if f"You said: {p}" in outputs]
 
-        wait_until(lambda: probes[-1] in logged_probes(), "the last probe's record")
+        wait_for(lambda: probes[-1] in logged_probes(), "the last probe's record")
         logged = logged_probes()
         # Once B routed by the new callback it kept doing so, and it did within the second.
         assert logged == probes[probes.index(logged[0]) :]
@@ -197,7 +187,7 @@ def test_two_replicas_share_state_through_redis_and_survive_its_restart(
                 reply = chat(b, key, text, stream=stream)
                 return reply if reply[0].headers.get(CACHE_HEADER) == "hit" else None
 
-            _, hit_raw, hit_text = wait_until(b_hit, f"a cache hit on B (stream={stream})", 5)
+            _, hit_raw, hit_text = wait_for(b_hit, f"a cache hit on B (stream={stream})", 5)
             assert hit_raw == first_raw and hit_text == f"You said: {text}"
 
         # 3. Redis crashes and comes back while both replicas serve chat traffic.
@@ -209,14 +199,14 @@ def test_two_replicas_share_state_through_redis_and_survive_its_restart(
             marks = [t.done + more for t in traffic]
             return lambda: all(t.done >= mark for t, mark in zip(traffic, marks, strict=True))
 
-        wait_until(each_served(3), "traffic before the crash")
+        wait_for(each_served(3), "traffic before the crash")
         # A production Redis persists its data; so does this one, by a snapshot taken before
         # the crash (the server runs without automatic snapshots). Without it the restart would
         # forget every key, and the replicas rightly answer 401 to keys that no longer exist.
         with redis_server.client() as raw:
             raw.save()
         redis_server.stop(kill=True)
-        wait_until(each_served(5), "traffic while Redis is down")
+        wait_for(each_served(5), "traffic while Redis is down")
         for client in (a, b):
             response = client.post(
                 f"/team/{TEAM}/callback",
@@ -233,7 +223,7 @@ def test_two_replicas_share_state_through_redis_and_survive_its_restart(
             headers=ADMIN,
         )
         assert response.status_code == 200, response.text
-        wait_until(each_served(5), "traffic after the restart")
+        wait_for(each_served(5), "traffic after the restart")
         for t in traffic:
             t.finish()
         assert [t.failures for t in traffic] == [[], []]
@@ -250,7 +240,7 @@ def test_two_replicas_share_state_through_redis_and_survive_its_restart(
                 time.sleep(0.02)
             return False
 
-        wait_until(b_logs_after, "B routing by the write made after the restart")
+        wait_for(b_logs_after, "B routing by the write made after the restart")
         assert not (logs / "during.jsonl").exists()
         health = b.get("/health", headers=ADMIN)
         assert health.status_code == 200, health.text

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -30,7 +29,6 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
@@ -40,25 +38,13 @@ from tests.fixtures.fake_langfuse import FakeLangfuse
 from tests.fixtures.gcs_server import GcsServer
 from tests.fixtures.otlp_receiver import OtlpReceiver
 from tests.fixtures.servers import free_port, run_uvicorn_async
+from tests.helpers import load_gateway
 
 pytestmark = pytest.mark.timeout(90)
 
 ROOT = Path(__file__).resolve().parents[1]
 MASTER = "sk-master-" + secrets.token_hex(12)
 AUTH = {"Authorization": f"Bearer {MASTER}"}
-
-
-def load_gateway() -> ModuleType:
-    """``examples/gateway.py`` (not a package), imported once under a private name."""
-    name = "team_logging_example_gateway"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / "gateway.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return module
 
 
 def secret(prefix: str) -> str:

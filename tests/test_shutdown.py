@@ -14,12 +14,12 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.fixtures.fake_langfuse import FakeLangfuse, Project
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "tests._shutdown_app:app"
@@ -86,14 +86,6 @@ def terminate(proc: subprocess.Popen[bytes], limit: float) -> float:
     return time.monotonic() - started
 
 
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 def test_sigterm_delivers_every_queued_record_to_a_slow_destination(
     uvicorn_process: StartProcess, fake_langfuse: FakeLangfuse, tmp_path: Path
 ) -> None:
@@ -147,7 +139,7 @@ def test_sigterm_with_a_hanging_destination_exits_at_the_deadline_and_reports_lo
         flush_interval=0.05,
     )
     send_chats(base_url, count)
-    wait_until(
+    wait_for(
         lambda: fake_langfuse.stats()["counters"].get("otlp_requests", 0) >= 1,
         "an export to hang at the destination",
     )

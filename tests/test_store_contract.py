@@ -30,6 +30,7 @@ from team_logging_middleware.stores import (
     SQLiteSettingsStore,
 )
 from team_logging_middleware.stores._codec import SettingsCodec
+from tests.helpers import langfuse_team
 
 SECRET = "sk-lf-contract-secret-0123456789"
 KEY = Fernet.generate_key().decode()
@@ -74,20 +75,7 @@ async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
 
 
 def _team(team_id: str = "t1", secret: str = SECRET) -> TeamSettings:
-    return TeamSettings(
-        team_id=team_id,
-        callbacks=[
-            CallbackSpec(
-                callback_name="langfuse",
-                callback_type="success",
-                callback_vars={
-                    "langfuse_public_key": "pk-lf-1",
-                    "langfuse_secret_key": secret,
-                    "langfuse_host": "https://cloud.langfuse.com",
-                },
-            )
-        ],
-    )
+    return langfuse_team(team_id, secret, public_key="pk-lf-1", host="https://cloud.langfuse.com")
 
 
 def _every_field_set() -> TeamSettings:

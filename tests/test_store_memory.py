@@ -9,21 +9,13 @@ import pytest
 from team_logging_middleware.settings import CallbackSpec, TeamSettings
 from team_logging_middleware.stores.base import KeyRecord, SettingsStore
 from team_logging_middleware.stores.memory import MemorySettingsStore
+from tests.helpers import langfuse_team
 
 SECRET = "sk-lf-secret"
 
 
 def _team(team_id: str = "t1", secret: str = SECRET) -> TeamSettings:
-    return TeamSettings(
-        team_id=team_id,
-        callbacks=[
-            CallbackSpec(
-                callback_name="langfuse",
-                callback_type="success",
-                callback_vars={"langfuse_public_key": "pk-1", "langfuse_secret_key": secret},
-            )
-        ],
-    )
+    return langfuse_team(team_id, secret, public_key="pk-1")
 
 
 def test_implements_the_protocol() -> None:

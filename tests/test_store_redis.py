@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 from cryptography.fernet import Fernet
 
 from team_logging_middleware.errors import MissingDependencyError, StoreUnavailableError
-from team_logging_middleware.settings import CallbackSpec, TeamSettings
+from team_logging_middleware.settings import TeamSettings
 from team_logging_middleware.stores import (
     ENCRYPTED_PREFIX,
     KeyRecord,
@@ -23,6 +22,7 @@ from team_logging_middleware.stores import (
 )
 from team_logging_middleware.stores.redis import redacted_redis_url
 from tests.fixtures.redis_server import RedisServer
+from tests.helpers import langfuse_team, wait_until
 
 SECRET = "sk-lf-redis-secret-31337"
 KEY_SECRET = "sk-key-redis-secret-2718"
@@ -34,18 +34,7 @@ HANG_GUARD = 10.0  # far above the store's own deadline; only turns a hang into 
 
 
 def _team(team_id: str = "t1", secret: str = SECRET) -> TeamSettings:
-    return TeamSettings(
-        team_id=team_id,
-        callbacks=[
-            CallbackSpec(
-                callback_name="langfuse",
-                callback_vars={
-                    "langfuse_public_key": "pk-lf-public",
-                    "langfuse_secret_key": secret,
-                },
-            )
-        ],
-    )
+    return langfuse_team(team_id, secret)
 
 
 def _key(team_id: str | None = "t1") -> KeyRecord:
@@ -81,11 +70,7 @@ async def open_store() -> AsyncIterator[Callable[..., RedisSettingsStore]]:
 
 
 async def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.005)
+    await wait_until(condition, "the condition", timeout)
 
 
 # -- layout and encryption at rest ------------------------------------------------------------

@@ -10,7 +10,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from team_logging_middleware.errors import (
     SettingsError,
     StoreUnavailableError,
 )
-from team_logging_middleware.settings import CallbackSpec, TeamSettings
+from team_logging_middleware.settings import TeamSettings
 from team_logging_middleware.stores import (
     ENCRYPTED_PREFIX,
     KeyRecord,
@@ -31,6 +30,7 @@ from team_logging_middleware.stores import (
     StoredDataError,
 )
 from team_logging_middleware.stores import sqlite as sqlite_store
+from tests.helpers import langfuse_team, wait_until
 
 SECRET = "sk-lf-very-secret-value-4242"
 KEY_SECRET = "sk-key-level-secret-7777"
@@ -38,19 +38,7 @@ KEY = Fernet.generate_key().decode()
 
 
 def _team(team_id: str = "t1", secret: str = SECRET, **changes: object) -> TeamSettings:
-    return TeamSettings(
-        team_id=team_id,
-        callbacks=[
-            CallbackSpec(
-                callback_name="langfuse",
-                callback_vars={
-                    "langfuse_public_key": "pk-lf-public",
-                    "langfuse_secret_key": secret,
-                },
-            )
-        ],
-        **changes,  # type: ignore[arg-type]
-    )
+    return langfuse_team(team_id, secret, **changes)
 
 
 def _key(team_id: str | None = "t1") -> KeyRecord:
@@ -96,11 +84,7 @@ async def open_store(db_path: Path) -> AsyncIterator[Callable[..., SQLiteSetting
 
 
 async def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.01)
+    await wait_until(condition, "the condition", timeout, interval=0.01)
 
 
 def _raw_bytes(path: Path) -> bytes:
