@@ -853,6 +853,7 @@ class Bench:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         started = time.monotonic()
+        loadavg_at_start = _loadavg()
         langfuse_projects = max([1, *cfg.teams_scale]) if cfg.teams_variant == "tlm-langfuse" else 1
         if "tlm-langfuse" in cfg.variants:
             self.start_fake_langfuse(langfuse_projects)
@@ -884,6 +885,7 @@ class Bench:
                 "teams_scale": list(cfg.teams_scale),
                 "soak_requests": cfg.soak_requests,
                 "pinned": cfg.pin,
+                "idle_quiet_s": cfg.idle_quiet,
                 "notes": cfg.notes,
             },
             "results": matrix,
@@ -893,6 +895,7 @@ class Bench:
             "langfuse_delivery": langfuse,
             "processes": self.procs.started,
         }
+        report["machine"]["loadavg_at_start"] = loadavg_at_start
         report["machine"]["loadavg_at_end"] = _loadavg()
         report["targets"] = evaluate_targets(report)
         report["elapsed_s"] = round(time.monotonic() - started, 1)
@@ -931,6 +934,7 @@ def summarise(
             "cpu_us_per_req": median([m["cpu_us_per_req"] for m in rounds]),
             "cpu_extra_us": median(ratios["cpu_extra_us"]),
             "server_cpu_share": median([m["cpu_utilisation"] for m in rounds]),
+            "drain_s": median([m["drain_s"] for m in rounds]),
             "rss_mb": median([m["rss_after_mb"] for m in rounds]),
             "errors": sum(m["errors"] for m in rounds),
             "rounds": rounds,
@@ -1030,7 +1034,6 @@ def machine_info(cfg: Config) -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "loadavg_at_start": _loadavg(),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
@@ -1068,7 +1071,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"after {c['warmup_s']} s warm-up; medians over rounds; every ratio is to `bare` in the "
         "same round. CPU is the server process's utime+stime over the run and the drain after it "
         '(background export included), divided by requests completed; "server busy" is that '
-        "CPU over the run's wall time (near 100%: the server, not the client, was the limit).",
+        "CPU over the run's wall time (near 100%: the server, not the client, was the limit); "
+        '"drain s" is how long the server kept working after the load stopped (the quiet period '
+        f"that ends it, {c.get('idle_quiet_s', 0.5)} s, included).",
         "",
     ]
     for note in c.get("notes", []):
@@ -1077,8 +1082,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "## Throughput, latency and CPU",
         "",
         "| variant | workload | req/s | x bare | p50 ms | p99 ms | CPU µs/req | extra µs/req "
-        "| TTFB p50 ms | TTFB x bare | server busy | RSS MB | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| TTFB p50 ms | TTFB x bare | server busy | drain s | RSS MB | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         lines.append(
@@ -1087,7 +1092,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {_fmt(r['p99_ms'], '.2f')} | {_fmt(r['cpu_us_per_req'])} "
             f"| {_fmt(r['cpu_extra_us'], '+.1f')} | {_fmt(r.get('ttfb_p50_ms'), '.3f')} "
             f"| {_fmt(r.get('ttfb_p50_ratio'), '.3f')} "
-            f"| {_fmt(100 * r['server_cpu_share'], '.0f')}% | {_fmt(r['rss_mb'])} | {r['errors']} |"
+            f"| {_fmt(100 * r['server_cpu_share'], '.0f')}% | {_fmt(r.get('drain_s'))} "
+            f"| {_fmt(r['rss_mb'])} | {r['errors']} |"
         )
     if report["teams_scale"]:
         lines += [
