@@ -8,14 +8,12 @@ stored state behind the planner's back.
 from __future__ import annotations
 
 import copy
-import logging
 import threading
 from typing import Any
 
 from ..settings import TeamSettings
+from ._listeners import notify_listeners
 from .base import ChangeListener, KeyRecord
-
-logger = logging.getLogger("team_logging_middleware.stores")
 
 __all__ = ["MemorySettingsStore"]
 
@@ -85,14 +83,4 @@ class MemorySettingsStore:
     def _notify(self, team_id: str) -> None:
         with self._lock:
             listeners = list(self._listeners)
-        for listener in listeners:
-            try:
-                listener(team_id)
-            except Exception as exc:
-                # Only the exception's type is logged: its message could echo settings values.
-                logger.error(
-                    "settings change listener %r failed for team %r: %s",
-                    listener,
-                    team_id,
-                    type(exc).__name__,
-                )
+        notify_listeners(listeners, team_id)

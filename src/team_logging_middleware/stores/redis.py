@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..errors import MissingDependencyError, StoreUnavailableError
 from ..settings import TeamSettings
 from ._codec import EncryptionKey, SettingsCodec, check_id
+from ._listeners import notify_listeners
 from .base import ChangeListener, KeyRecord
 
 if TYPE_CHECKING:
@@ -289,17 +290,7 @@ class RedisSettingsStore:
             ) from None
 
     def _notify(self, team_id: str) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(team_id)
-            except Exception as exc:
-                # Only the exception's type is logged: its message could echo settings values.
-                logger.error(
-                    "settings change listener %r failed for team %r: %s",
-                    listener,
-                    team_id,
-                    type(exc).__name__,
-                )
+        notify_listeners(list(self._listeners), team_id)
 
     def _start_subscriber(self) -> None:
         if self._closed or (self._subscriber is not None and not self._subscriber.done()):

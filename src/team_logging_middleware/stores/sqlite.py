@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 from ..errors import StoreUnavailableError
 from ..settings import TeamSettings
 from ._codec import EncryptionKey, SettingsCodec, check_id
+from ._listeners import notify_listeners
 from .base import ChangeListener, KeyRecord
 
 logger = logging.getLogger("team_logging_middleware.stores")
@@ -457,17 +458,7 @@ class SQLiteSettingsStore:
     def _notify(self, team_id: str) -> None:
         with self._listeners_lock:
             listeners = list(self._listeners)
-        for listener in listeners:
-            try:
-                listener(team_id)
-            except Exception as exc:
-                # Only the exception's type is logged: its message could echo settings values.
-                logger.error(
-                    "settings change listener %r failed for team %r: %s",
-                    listener,
-                    team_id,
-                    type(exc).__name__,
-                )
+        notify_listeners(listeners, team_id)
 
     # -- watching other processes ---------------------------------------------------------------
 
