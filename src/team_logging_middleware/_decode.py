@@ -254,27 +254,39 @@ def _minimal(exchange: Exchange, note: str) -> LogRecord:
     return record
 
 
+def _json_body(
+    body: bytes, truncated: bool, side: str, notes: list[str]
+) -> tuple[dict[str, Any], str | None]:
+    """A non-empty request or response body as ``(object, raw text)``.
+
+    What went wrong is added to ``notes``, naming the ``side``. The raw text is kept only when the
+    body is not a JSON object; a truncated body still gives whatever fields could be salvaged from
+    its start.
+    """
+    value, note = _parse_json(body)
+    if isinstance(value, dict):
+        if note:
+            notes.append(f"{side} body {note}")
+        return value, None
+    if value is _FAIL and truncated:
+        notes.append(f"{side} body truncated at {len(body)} bytes")
+        return _salvage(body), _raw(body)
+    if value is _FAIL:
+        notes.append(f"{side} body is not JSON")
+    else:
+        notes.append(f"{side} body is JSON but not an object")
+    return {}, _raw(body)
+
+
 def _decode(exchange: Exchange) -> LogRecord:
     notes: list[str] = []
 
     request: dict[str, Any] = {}
     raw_request: str | None = None
-    body = exchange.request_body
-    if body:
-        value, note = _parse_json(body)
-        if isinstance(value, dict):
-            request = value
-            if note:
-                notes.append(f"request body {note}")
-        else:
-            raw_request = _raw(body)
-            if value is _FAIL and exchange.request_truncated:
-                notes.append(f"request body truncated at {len(body)} bytes")
-                request = _salvage(body)
-            elif value is _FAIL:
-                notes.append("request body is not JSON")
-            else:
-                notes.append("request body is JSON but not an object")
+    if exchange.request_body:
+        request, raw_request = _json_body(
+            exchange.request_body, exchange.request_truncated, "request", notes
+        )
 
     response_bytes = b"".join(exchange.response_chunks)
     events: list[tuple[str, dict[str, Any]]] | None = None
@@ -291,20 +303,9 @@ def _decode(exchange: Exchange) -> LogRecord:
             if exchange.response_truncated:
                 notes.append(f"response stream truncated at {len(response_bytes)} bytes")
         else:
-            value, note = _parse_json(response_bytes)
-            if isinstance(value, dict):
-                response = value
-                if note:
-                    notes.append(f"response body {note}")
-            else:
-                raw_response = _raw(response_bytes)
-                if value is _FAIL and exchange.response_truncated:
-                    notes.append(f"response body truncated at {len(response_bytes)} bytes")
-                    response = _salvage(response_bytes)
-                elif value is _FAIL:
-                    notes.append("response body is not JSON")
-                else:
-                    notes.append("response body is JSON but not an object")
+            response, raw_response = _json_body(
+                response_bytes, exchange.response_truncated, "response", notes
+            )
 
     call_type = call_type_for_path(exchange.path)
     if call_type == "unknown":
