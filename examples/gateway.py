@@ -64,6 +64,7 @@ from team_logging_middleware.admin import (
     create_admin_app,
     error_response,
     read_json_body,
+    refusal_response,
     unexpected_error_response,
     validation_error,
 )
@@ -702,15 +703,8 @@ def create_gateway(settings: GatewaySettings) -> Gateway:
             try:
                 response: Response = await endpoint(request)
                 return response
-            except AdminError as exc:
-                return error_response(
-                    exc.status, exc.message, type=exc.type, param=exc.param, headers=exc.headers
-                )
-            except ValidationError as exc:
-                err = validation_error(exc)
-                return error_response(err.status, err.message, type=err.type, param=err.param)
-            except SettingsError as exc:
-                return error_response(400, exc.message, param=exc.param)
+            except (AdminError, ValidationError, SettingsError) as exc:
+                return refusal_response(exc)
             except StoreUnavailableError:
                 return error_response(
                     503,

@@ -80,6 +80,7 @@ __all__ = [
     "create_admin_app",
     "error_response",
     "read_json_body",
+    "refusal_response",
     "unexpected_error_response",
     "validation_error",
 ]
@@ -229,6 +230,17 @@ def validation_error(exc: ValidationError, *, prefix: str = "") -> AdminError:
 
 def settings_error(exc: SettingsError) -> AdminError:
     return AdminError(400, exc.message, type="invalid_request_error", param=exc.param)
+
+
+def refusal_response(exc: AdminError | ValidationError | SettingsError) -> Response:
+    """The error answer for a request refused as it stands (a 4xx in the one error shape)."""
+    if isinstance(exc, ValidationError):
+        exc = validation_error(exc)
+    elif isinstance(exc, SettingsError):
+        exc = settings_error(exc)
+    return error_response(
+        exc.status, exc.message, type=exc.type, param=exc.param, headers=exc.headers
+    )
 
 
 # -- request bodies --------------------------------------------------------------------------
@@ -731,15 +743,8 @@ def _guard(debug: bool) -> Callable[[Endpoint], Endpoint]:
         async def guarded(request: Request) -> Response:
             try:
                 return await endpoint(request)
-            except AdminError as exc:
-                return error_response(
-                    exc.status, exc.message, type=exc.type, param=exc.param, headers=exc.headers
-                )
-            except ValidationError as exc:
-                err = validation_error(exc)
-                return error_response(err.status, err.message, type=err.type, param=err.param)
-            except SettingsError as exc:
-                return error_response(400, exc.message, param=exc.param)
+            except (AdminError, ValidationError, SettingsError) as exc:
+                return refusal_response(exc)
             except StoreUnavailableError:
                 logger.warning(
                     "settings store unavailable during %s %s", request.method, endpoint.__name__
@@ -763,27 +768,19 @@ def _guard(debug: bool) -> Callable[[Endpoint], Endpoint]:
     return decorate
 
 
+def _path_param(request: Request, name: str, max_length: int) -> str:
+    value = str(request.path_params.get(name, ""))
+    if not value or len(value) > max_length:
+        raise AdminError(400, f"{name} must be 1 to {max_length} characters", param=name)
+    return value
+
+
 def _team_id(request: Request) -> str:
-    team_id = str(request.path_params.get("team_id", ""))
-    if not team_id or len(team_id) > MAX_TEAM_ID_LENGTH:
-        raise AdminError(
-            400,
-            f"team_id must be 1 to {MAX_TEAM_ID_LENGTH} characters",
-            type="invalid_request_error",
-            param="team_id",
-        )
-    return team_id
+    return _path_param(request, "team_id", MAX_TEAM_ID_LENGTH)
 
 
 def _callback_name(request: Request) -> str:
-    name = str(request.path_params.get("callback_name", ""))
-    if not name or len(name) > MAX_CALLBACK_NAME_LENGTH:
-        raise AdminError(
-            400,
-            f"callback_name must be 1 to {MAX_CALLBACK_NAME_LENGTH} characters",
-            param="callback_name",
-        )
-    return name
+    return _path_param(request, "callback_name", MAX_CALLBACK_NAME_LENGTH)
 
 
 def _callback_type_query(request: Request) -> str | None:
