@@ -7,6 +7,8 @@
 * :func:`read_jsonl` reads a JSONL destination file.
 * :func:`sample_record` builds a :class:`LogRecord` for sink tests from a module's own defaults.
 * :func:`langfuse_team` builds the team settings the settings store tests save and read back.
+* :func:`build_without` builds a destination in a fresh interpreter where some packages cannot
+  be imported, and returns what it printed.
 * :class:`SinkMaker` builds destinations through a sink type's factory and closes them all.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -149,3 +152,37 @@ def langfuse_team(
         callbacks=[CallbackSpec(callback_name="langfuse", callback_vars=callback_vars)],
         **changes,
     )
+
+
+_BUILD_WITHOUT = """
+import sys
+for name in {blocked!r}:
+    sys.modules[name] = None  # make the optional package unimportable
+import httpx
+from team_logging_middleware.errors import MissingDependencyError
+from team_logging_middleware.sinks import {module}
+from team_logging_middleware.sinks.base import SinkContext
+ctx = SinkContext(http=httpx.AsyncClient())
+try:
+    {module}.SINK_TYPE.factory({callback_vars!r}, ctx)
+except MissingDependencyError as exc:
+    assert exc.extra == {extra!r}, exc
+    print(exc)
+"""
+
+
+def build_without(
+    blocked: tuple[str, ...], module: str, callback_vars: dict[str, str], extra: str
+) -> str:
+    """Build a ``sinks.<module>`` destination in a fresh interpreter where the ``blocked``
+    packages cannot be imported; assert it refused with ``MissingDependencyError(extra)``, and
+    return the message it printed.
+    """
+    code = _BUILD_WITHOUT.format(
+        blocked=blocked, module=module, callback_vars=callback_vars, extra=extra
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
