@@ -9,6 +9,8 @@
 * :func:`langfuse_team` builds the team settings the settings store tests save and read back.
 * :func:`build_without` builds a destination in a fresh interpreter where some packages cannot
   be imported, and returns what it printed.
+* :class:`ScriptedPeer` is the server side of one scripted ASGI request (streaming and
+  disconnects are tested with it, never through a client that buffers whole responses).
 * :class:`SinkMaker` builds destinations through a sink type's factory and closes them all.
 """
 
@@ -20,7 +22,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Generic, TypeVar
@@ -37,6 +39,7 @@ GATEWAY_MODULE = "team_logging_example_gateway"
 DEADLINE = 15.0
 
 SinkT = TypeVar("SinkT", bound=Sink)
+Message = dict[str, Any]
 
 
 def load_gateway() -> ModuleType:
@@ -186,3 +189,40 @@ def build_without(
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
+
+
+class ScriptedPeer:
+    """The server side of one HTTP request: hands out body chunks, collects what the app sends.
+
+    After the body, ``receive`` blocks until the client leaves (:meth:`leave`) and then returns
+    ``http.disconnect``, as a real server does. With no chunks, the body is one empty message.
+    """
+
+    def __init__(self, chunks: Sequence[bytes] = ()) -> None:
+        parts = list(chunks) or [b""]
+        self.inbox: list[Message] = [
+            {"type": "http.request", "body": part, "more_body": i < len(parts) - 1}
+            for i, part in enumerate(parts)
+        ]
+        self.sent: list[Message] = []
+        self.gone = asyncio.Event()
+
+    def leave(self) -> None:
+        self.gone.set()
+
+    async def receive(self) -> Message:
+        if self.inbox:
+            return self.inbox.pop(0)
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: Message) -> None:
+        self.sent.append(message)
+
+    @property
+    def status(self) -> int | None:
+        return next((m["status"] for m in self.sent if m["type"] == "http.response.start"), None)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body")

@@ -50,6 +50,7 @@ from tests.fixtures.fake_langfuse import FakeLangfuse
 from tests.fixtures.gcs_server import GcsServer
 from tests.fixtures.otlp_receiver import OtlpReceiver
 from tests.fixtures.servers import run_uvicorn_async
+from tests.helpers import ScriptedPeer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -133,53 +134,33 @@ class ClientGone(OSError):
     """What a server's ``send`` raises once the client left (uvicorn: ClientDisconnected)."""
 
 
-class Peer:
-    """The server side of one request: hands out body chunks, collects what the app sends.
+class Peer(ScriptedPeer):
+    """A scripted request whose server refuses to send once the client left.
 
-    After the body, ``receive`` blocks until the client leaves (:meth:`leave`), as a server does.
-    Once the client left, ``send`` raises :class:`ClientGone`.
+    Once the client left (:meth:`leave`), ``send`` raises :class:`ClientGone`. ``no_body``: the
+    server hands out no request message at all.
     """
 
     def __init__(self, chunks: list[bytes] | None = None, *, no_body: bool = False) -> None:
-        parts = chunks or [b""]
-        self.inbox: list[Message] = (
-            []
-            if no_body
-            else [
-                {"type": "http.request", "body": part, "more_body": i < len(parts) - 1}
-                for i, part in enumerate(parts)
-            ]
-        )
+        super().__init__(chunks or [])
+        if no_body:
+            self.inbox = []
         self.received_by_app: list[bytes] = []
-        self.sent: list[Message] = []
-        self.gone = asyncio.Event()
         self.on_body: Callable[[bytes], None] | None = None
-
-    def leave(self) -> None:
-        self.gone.set()
 
     async def receive(self) -> Message:
         if self.inbox:
             message = self.inbox.pop(0)
             self.received_by_app.append(message["body"])
             return message
-        await self.gone.wait()
-        return {"type": "http.disconnect"}
+        return await super().receive()
 
     async def send(self, message: Message) -> None:
         if self.gone.is_set():
             raise ClientGone("client disconnected")
-        self.sent.append(message)
+        await super().send(message)
         if message["type"] == "http.response.body" and self.on_body is not None:
             self.on_body(message.get("body", b""))
-
-    @property
-    def status(self) -> int | None:
-        return next((m["status"] for m in self.sent if m["type"] == "http.response.start"), None)
-
-    @property
-    def body(self) -> bytes:
-        return b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body")
 
 
 def http_scope(method: str = "POST", path: str = CHAT, **extra: Any) -> dict[str, Any]:

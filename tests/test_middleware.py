@@ -28,6 +28,7 @@ from team_logging_middleware.middleware import (
 from team_logging_middleware.records import Exchange
 from team_logging_middleware.settings import CallbackSpec
 from tests.fixtures.servers import run_uvicorn_async
+from tests.helpers import ScriptedPeer
 
 Scope = dict[str, Any]
 App = Callable[[Any, Any, Any], Awaitable[None]]
@@ -111,48 +112,17 @@ class RecordingRuntime:
         return self.exchanges
 
 
-class Peer:
-    """The server side of one scripted HTTP request.
+class Peer(ScriptedPeer):
+    """A scripted request built from its body chunks; ``on_send`` runs after each sent message."""
 
-    ``receive`` hands out the body chunks, then blocks until :meth:`disconnect` is called (as a
-    real server does) and returns ``http.disconnect``. ``on_send`` runs after each sent message.
-    """
-
-    def __init__(
-        self,
-        *chunks: bytes,
-        on_send: Callable[[Message], None] | None = None,
-    ) -> None:
-        parts = list(chunks) or [b""]
-        self.inbox: list[Message] = [
-            {"type": "http.request", "body": part, "more_body": i < len(parts) - 1}
-            for i, part in enumerate(parts)
-        ]
-        self.sent: list[Message] = []
+    def __init__(self, *chunks: bytes, on_send: Callable[[Message], None] | None = None) -> None:
+        super().__init__(chunks)
         self.on_send = on_send
-        self._gone = asyncio.Event()
-
-    def disconnect(self) -> None:
-        self._gone.set()
-
-    async def receive(self) -> Message:
-        if self.inbox:
-            return self.inbox.pop(0)
-        await self._gone.wait()
-        return {"type": "http.disconnect"}
 
     async def send(self, message: Message) -> None:
-        self.sent.append(message)
+        await super().send(message)
         if self.on_send is not None:
             self.on_send(message)
-
-    @property
-    def status(self) -> int | None:
-        return next((m["status"] for m in self.sent if m["type"] == "http.response.start"), None)
-
-    @property
-    def body(self) -> bytes:
-        return b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body")
 
 
 def http_scope(
@@ -438,7 +408,7 @@ async def test_disconnect_mid_stream_is_recorded_with_the_partial_output() -> No
             chunk = {"choices": [{"index": 0, "delta": {"content": word}}]}
             yield f"data: {json.dumps(chunk)}\n\n".encode()
             if produced == 2:
-                peer.disconnect()  # the client goes away after the second chunk
+                peer.leave()  # the client goes away after the second chunk
                 await asyncio.Event().wait()  # the model would keep generating
 
     # Starlette's StreamingResponse watches receive() for http.disconnect (ASGI spec 2.3).
