@@ -11,6 +11,7 @@
   be imported, and returns what it printed.
 * :class:`ScriptedPeer` is the server side of one scripted ASGI request (streaming and
   disconnects are tested with it, never through a client that buffers whole responses).
+* :class:`Opened` keeps what a fixture opened (stores, destinations) and closes it all.
 * :class:`SinkMaker` builds destinations through a sink type's factory and closes them all.
 """
 
@@ -25,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import httpx
 
@@ -39,6 +40,13 @@ GATEWAY_MODULE = "team_logging_example_gateway"
 DEADLINE = 15.0
 
 SinkT = TypeVar("SinkT", bound=Sink)
+
+
+class _Closable(Protocol):
+    async def aclose(self) -> None: ...
+
+
+ClosableT = TypeVar("ClosableT", bound=_Closable)
 Message = dict[str, Any]
 
 
@@ -111,6 +119,21 @@ def sample_record(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
     return LogRecord(**{**_RECORD_BASE, **defaults, **overrides})
 
 
+class Opened:
+    """What a fixture opened for one test (stores, destinations); :meth:`aclose` closes it all."""
+
+    def __init__(self) -> None:
+        self._items: list[_Closable] = []
+
+    def add(self, item: ClosableT) -> ClosableT:
+        self._items.append(item)
+        return item
+
+    async def aclose(self) -> None:
+        for item in self._items:
+            await item.aclose()
+
+
 class SinkMaker(Generic[SinkT]):
     """``make(callback_vars, team_id=..., timeout=...)``: a destination from a sink type's factory.
 
@@ -122,7 +145,7 @@ class SinkMaker(Generic[SinkT]):
         self._sink_type = sink_type
         self._sink_class = sink_class
         self._http = http
-        self._sinks: list[SinkT] = []
+        self._opened = Opened()
 
     def __call__(
         self, callback_vars: dict[str, str], *, team_id: str | None = "team-1", timeout: float = 5.0
@@ -130,12 +153,10 @@ class SinkMaker(Generic[SinkT]):
         ctx = SinkContext(http=self._http, team_id=team_id, timeout=timeout)
         sink = self._sink_type.factory(callback_vars, ctx)
         assert isinstance(sink, self._sink_class)
-        self._sinks.append(sink)
-        return sink
+        return self._opened.add(sink)
 
     async def aclose(self) -> None:
-        for sink in self._sinks:
-            await sink.aclose()
+        await self._opened.aclose()
 
 
 def langfuse_team(

@@ -30,7 +30,7 @@ from team_logging_middleware.stores import (
     SQLiteSettingsStore,
 )
 from team_logging_middleware.stores._codec import SettingsCodec
-from tests.helpers import langfuse_team
+from tests.helpers import Opened, langfuse_team
 
 SECRET = "sk-lf-contract-secret-0123456789"
 KEY = Fernet.generate_key().decode()
@@ -51,7 +51,7 @@ async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     redis_url: str | None = None
     if backend == "redis":
         redis_url = request.getfixturevalue("redis_url")
-    stores: list[SettingsStore] = []
+    opened = Opened()
 
     async def make(**options: Any) -> SettingsStore:
         store: SettingsStore
@@ -63,15 +63,13 @@ async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
         else:
             assert redis_url is not None
             store = RedisSettingsStore(redis_url, **options)
-        stores.append(store)
-        return store
+        return opened.add(store)
 
     make.backend = backend  # type: ignore[attr-defined]
     try:
         yield make
     finally:
-        for store in stores:
-            await store.aclose()
+        await opened.aclose()
 
 
 def _team(team_id: str = "t1", secret: str = SECRET) -> TeamSettings:

@@ -22,7 +22,7 @@ from team_logging_middleware.stores import (
 )
 from team_logging_middleware.stores.redis import redacted_redis_url
 from tests.fixtures.redis_server import RedisServer
-from tests.helpers import langfuse_team, wait_until
+from tests.helpers import Opened, langfuse_team, wait_until
 
 SECRET = "sk-lf-redis-secret-31337"
 KEY_SECRET = "sk-key-redis-secret-2718"
@@ -55,18 +55,15 @@ def _key(team_id: str | None = "t1") -> KeyRecord:
 @pytest.fixture
 async def open_store() -> AsyncIterator[Callable[..., RedisSettingsStore]]:
     """``open_store(url, **options)``: a store closed at teardown."""
-    stores: list[RedisSettingsStore] = []
+    opened = Opened()
 
     def make(url: str, **options: object) -> RedisSettingsStore:
-        store = RedisSettingsStore(url, **options)  # type: ignore[arg-type]
-        stores.append(store)
-        return store
+        return opened.add(RedisSettingsStore(url, **options))  # type: ignore[arg-type]
 
     try:
         yield make
     finally:
-        for store in stores:
-            await store.aclose()
+        await opened.aclose()
 
 
 async def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:

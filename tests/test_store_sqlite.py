@@ -30,7 +30,7 @@ from team_logging_middleware.stores import (
     StoredDataError,
 )
 from team_logging_middleware.stores import sqlite as sqlite_store
-from tests.helpers import langfuse_team, wait_until
+from tests.helpers import Opened, langfuse_team, wait_until
 
 SECRET = "sk-lf-very-secret-value-4242"
 KEY_SECRET = "sk-key-level-secret-7777"
@@ -69,18 +69,15 @@ def db_path(tmp_path: Path) -> Path:
 @pytest.fixture
 async def open_store(db_path: Path) -> AsyncIterator[Callable[..., SQLiteSettingsStore]]:
     """``open_store(**options)``: a store on ``db_path``; every one is closed at teardown."""
-    stores: list[SQLiteSettingsStore] = []
+    opened = Opened()
 
     def make(**options: object) -> SQLiteSettingsStore:
-        store = SQLiteSettingsStore(db_path, **options)  # type: ignore[arg-type]
-        stores.append(store)
-        return store
+        return opened.add(SQLiteSettingsStore(db_path, **options))  # type: ignore[arg-type]
 
     try:
         yield make
     finally:
-        for store in stores:
-            await store.aclose()
+        await opened.aclose()
 
 
 async def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
