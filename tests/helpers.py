@@ -9,6 +9,7 @@
 * :func:`langfuse_team` builds the team settings the settings store tests save and read back.
 * :func:`build_without` builds a destination in a fresh interpreter where some packages cannot
   be imported, and returns what it printed.
+* :func:`asgi_http_scope` is the ``http`` scope a server on loopback hands an app.
 * :class:`ScriptedPeer` is the server side of one scripted ASGI request (streaming and
   disconnects are tested with it, never through a client that buffers whole responses).
 * :class:`Opened` keeps what a fixture opened (stores, destinations) and closes it all.
@@ -210,6 +211,31 @@ def build_without(
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
+
+
+def asgi_http_scope(
+    path: str, headers: list[tuple[bytes, bytes]], *, method: str = "POST", **fields: Any
+) -> dict[str, Any]:
+    """An ASGI ``http`` scope for ``method path`` from a client on loopback.
+
+    ``fields`` replace or add scope keys (``state``, ``root_path``, the ``asgi`` versions, the
+    client and server addresses).
+    """
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        **fields,
+    }
 
 
 class ScriptedPeer:

@@ -27,6 +27,7 @@ from team_logging_middleware.sinks import CustomLogger, default_registry
 from team_logging_middleware.sinks.custom import custom_sink_type
 from team_logging_middleware.stores.memory import MemorySettingsStore
 from tests.fixtures.fake_langfuse import FakeLangfuse
+from tests.helpers import asgi_http_scope
 
 MASTER = "sk-master-0123456789"
 AUTH = {"Authorization": f"Bearer {MASTER}"}
@@ -778,25 +779,18 @@ async def test_413_is_enforced_while_reading_the_stream(make_admin: AdminFactory
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/team/t/callback",
-        "raw_path": b"/team/t/callback",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [
+    scope = asgi_http_scope(
+        "/team/t/callback",
+        [
             (b"host", b"admin.test"),
             (b"authorization", f"Bearer {MASTER}".encode()),
             (b"content-type", b"application/json"),
             (b"transfer-encoding", b"chunked"),
         ],
-        "client": ("127.0.0.1", 1234),
-        "server": ("127.0.0.1", 80),
-    }
+        asgi={"version": "3.0"},
+        client=("127.0.0.1", 1234),
+        server=("127.0.0.1", 80),
+    )
     await asyncio.wait_for(app(scope, receive, send), 5)
     assert sent[0]["type"] == "http.response.start"
     assert sent[0]["status"] == 413

@@ -50,7 +50,7 @@ from tests.fixtures.fake_langfuse import FakeLangfuse
 from tests.fixtures.gcs_server import GcsServer
 from tests.fixtures.otlp_receiver import OtlpReceiver
 from tests.fixtures.servers import run_uvicorn_async
-from tests.helpers import ScriptedPeer
+from tests.helpers import ScriptedPeer, asgi_http_scope
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -169,21 +169,7 @@ def http_scope(method: str = "POST", path: str = CHAT, **extra: Any) -> dict[str
         (b"content-type", b"application/json"),
         *extra.pop("headers", []),
     ]
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": headers,
-        "client": ("127.0.0.1", 40000),
-        "server": ("127.0.0.1", 8000),
-        **extra,
-    }
+    return asgi_http_scope(path, headers, method=method, client=("127.0.0.1", 40000), **extra)
 
 
 def echo_app(content_type: bytes = b"application/json", status: int = 200) -> App:

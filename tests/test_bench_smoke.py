@@ -21,6 +21,8 @@ import pytest
 from bench import run as bench_run
 from bench.app import REQUEST_BODIES, STREAM_CHUNKS, build_app
 
+from tests.helpers import asgi_http_scope
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -28,20 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _scope(path: str = "/v1/chat/completions", method: str = "POST") -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), (b"authorization", b"Bearer k-0")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
+    return asgi_http_scope(
+        path,
+        [(b"content-type", b"application/json"), (b"authorization", b"Bearer k-0")],
+        method=method,
+        asgi={"version": "3.0"},
+    )
 
 
 async def _call(app: Any, body: bytes, path: str = "/v1/chat/completions") -> list[dict[str, Any]]:

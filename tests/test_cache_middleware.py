@@ -32,6 +32,7 @@ from team_logging_middleware.stores.memory import MemorySettingsStore
 from team_logging_middleware.testing import MemorySink, wait_for
 from tests.fixtures.redis_server import RedisServer
 from tests.fixtures.servers import run_uvicorn_async
+from tests.helpers import asgi_http_scope
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -257,25 +258,18 @@ class Gateway:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         peer = Peer(chunks if chunks is not None else [raw], fail_send_at=fail_send_at)
         peer.gone = disconnect_after_body
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.4"},
-            "http_version": "1.1",
-            "method": method,
-            "scheme": "http",
-            "path": CHAT,
-            "raw_path": CHAT.encode(),
-            "root_path": "",
-            "query_string": b"",
-            "headers": [
+        scope = asgi_http_scope(
+            CHAT,
+            [
                 (b"host", b"gateway"),
                 (b"content-type", b"application/json"),
                 (b"authorization", f"Bearer {key}".encode()),
                 *(headers or []),
             ],
-            "client": ("127.0.0.1", 50000),
-            "server": ("127.0.0.1", 4000),
-        }
+            method=method,
+            asgi={"version": "3.0", "spec_version": "2.4"},
+            server=("127.0.0.1", 4000),
+        )
         await self.mw(scope, peer.receive, peer.send)
         start = next(m for m in peer.sent if m["type"] == "http.response.start")
         bodies = [m.get("body", b"") for m in peer.sent if m["type"] == "http.response.body"]

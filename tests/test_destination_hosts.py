@@ -40,6 +40,7 @@ from team_logging_middleware.sinks import langfuse as langfuse_sink
 from team_logging_middleware.sinks.base import SinkContext, SinkRegistry
 from team_logging_middleware.stores.memory import MemorySettingsStore
 from tests.fixtures.fake_langfuse import FakeLangfuse
+from tests.helpers import asgi_http_scope
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -248,24 +249,17 @@ async def _resolve(scope: Any) -> Caller | None:
 async def chat(app: Any, team: str, request_id: str) -> int:
     """One chat request driven at the ASGI level; returns the status the client got."""
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": request_id}]})
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [
+    scope = asgi_http_scope(
+        "/v1/chat/completions",
+        [
             (b"authorization", f"Bearer {team}".encode()),
             (b"x-request-id", request_id.encode()),
             (b"content-type", b"application/json"),
         ],
-        "client": ("127.0.0.1", 5000),
-        "server": ("127.0.0.1", 80),
-    }
+        asgi={"version": "3.0"},
+        client=("127.0.0.1", 5000),
+        server=("127.0.0.1", 80),
+    )
     messages = [{"type": "http.request", "body": body.encode(), "more_body": False}]
     status = 0
 

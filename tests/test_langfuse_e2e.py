@@ -32,6 +32,7 @@ from team_logging_middleware.settings import CallbackSpec, TeamSettings
 from team_logging_middleware.stores.memory import MemorySettingsStore
 from tests.fixtures.fake_langfuse import FakeLangfuse, Project
 from tests.fixtures.servers import run_uvicorn_async
+from tests.helpers import asgi_http_scope
 
 # -- a tiny OpenAI-compatible upstream --------------------------------------------------------
 
@@ -100,21 +101,12 @@ async def asgi_request(
     ``receive`` gives the body, then reports a disconnect only once the response is complete
     (as a server does), so streaming responses run to their end.
     """
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 80),
-        "state": {},
-    }
+    scope = asgi_http_scope(
+        path,
+        [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        server=("127.0.0.1", 80),
+        state={},
+    )
     complete = asyncio.Event()
     body_sent = False
     status = 0

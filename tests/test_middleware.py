@@ -28,7 +28,7 @@ from team_logging_middleware.middleware import (
 from team_logging_middleware.records import Exchange
 from team_logging_middleware.settings import CallbackSpec
 from tests.fixtures.servers import run_uvicorn_async
-from tests.helpers import ScriptedPeer
+from tests.helpers import ScriptedPeer, asgi_http_scope
 
 Scope = dict[str, Any]
 App = Callable[[Any, Any, Any], Awaitable[None]]
@@ -138,20 +138,7 @@ def http_scope(
     if token is not None:
         raw.append((b"authorization", f"Bearer {token}".encode()))
     raw.extend(headers or [])
-    scope: Scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": root_path,
-        "query_string": b"",
-        "headers": raw,
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
+    scope: Scope = asgi_http_scope(path, raw, method=method, root_path=root_path)
     if with_state:
         scope["state"] = {}
     return scope

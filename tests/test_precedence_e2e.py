@@ -40,7 +40,7 @@ from tests.fixtures.fake_langfuse import FakeLangfuse, Project, langfuse_view
 from tests.fixtures.gcs_server import GcsServer
 from tests.fixtures.otlp_receiver import OtlpReceiver
 from tests.fixtures.servers import run_uvicorn_async
-from tests.helpers import load_gateway, wait_until
+from tests.helpers import asgi_http_scope, load_gateway, wait_until
 
 MASTER = "sk-precedence-master"
 AUTH = {"Authorization": f"Bearer {MASTER}"}
@@ -511,21 +511,7 @@ def scripted_upstream(release: asyncio.Event) -> Starlette:
 def http_scope(path: str, headers: Mapping[str, str], body: bytes) -> Scope:
     raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     raw += [(b"host", b"gateway.test"), (b"content-length", str(len(body)).encode())]
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": raw,
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 4000),
-        "state": {},
-    }
+    return asgi_http_scope(path, raw, server=("127.0.0.1", 4000), state={})
 
 
 async def call_and_disconnect(app: Any, scope: Scope, body: bytes) -> list[Message]:

@@ -27,6 +27,7 @@ from team_logging_middleware.runtime import TeamLogging
 from team_logging_middleware.settings import CallbackSpec, TeamSettings
 from team_logging_middleware.stores.memory import MemorySettingsStore
 from tests.fixtures.servers import free_port
+from tests.helpers import asgi_http_scope
 
 REQUESTS = int(os.environ.get("TLM_SOAK_REQUESTS", "20000"))
 WARMUP = 2_000
@@ -80,25 +81,15 @@ async def chat_app(scope: Any, receive: Any, send: Any) -> None:
 
 
 def _scope(index: int) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [
+    return asgi_http_scope(
+        "/v1/chat/completions",
+        [
             (b"content-type", b"application/json"),
             (b"authorization", b"Bearer sk-soak"),
             (b"x-request-id", b"soak-%d" % index),
         ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-        "state": {},
-    }
+        state={},
+    )
 
 
 def _body(index: int) -> bytes:
