@@ -783,6 +783,22 @@ def _callback_name(request: Request) -> str:
     return _path_param(request, "callback_name", MAX_CALLBACK_NAME_LENGTH)
 
 
+def _callbacks_named(
+    settings: TeamSettings, team_id: str, name: str, callback_type: str | None
+) -> list[CallbackSpec]:
+    """The team's callbacks called ``name`` (of ``callback_type`` when given); a 404 when none."""
+    found = [
+        spec
+        for spec in settings.callbacks
+        if spec.callback_name == name
+        and (callback_type is None or spec.callback_type == callback_type)
+    ]
+    if not found:
+        what = f"{name!r}" + (f" of type {callback_type!r}" if callback_type else "")
+        raise AdminError(404, f"team {team_id!r} has no callback {what}", param="callback_name")
+    return found
+
+
 def _callback_type_query(request: Request) -> str | None:
     value = request.query_params.get("callback_type")
     if value is None or value == "":
@@ -918,20 +934,7 @@ class _AdminAPI:
         callback_type = _callback_type_query(request)
         async with self._lock(team_id):
             settings, _ = await self._current(team_id)
-            removed = [
-                s
-                for s in settings.callbacks
-                if s.callback_name == name
-                and (callback_type is None or s.callback_type == callback_type)
-            ]
-            if not removed:
-                what = f"{name!r}" + (f" of type {callback_type!r}" if callback_type else "")
-                raise AdminError(
-                    404,
-                    f"team {team_id!r} has no callback {what}",
-                    type="not_found_error",
-                    param="callback_name",
-                )
+            removed = _callbacks_named(settings, team_id, name, callback_type)
             kept = [s for s in settings.callbacks if s not in removed]
             updated = settings.model_copy(update={"callbacks": kept})
             await self._save(updated)
@@ -1020,15 +1023,7 @@ class _AdminAPI:
         name = _callback_name(request)
         callback_type = _callback_type_query(request)
         settings, _ = await self._current(team_id)
-        matches = [
-            s
-            for s in settings.callbacks
-            if s.callback_name == name
-            and (callback_type is None or s.callback_type == callback_type)
-        ]
-        if not matches:
-            what = f"{name!r}" + (f" of type {callback_type!r}" if callback_type else "")
-            raise AdminError(404, f"team {team_id!r} has no callback {what}", param="callback_name")
+        matches = _callbacks_named(settings, team_id, name, callback_type)
         if len(matches) > 1:
             raise AdminError(
                 409,
