@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ._sse import SSEEvent, is_done, looks_like_sse, parse_sse
@@ -531,6 +531,14 @@ def _apply_top(record: LogRecord, payload: dict[str, Any]) -> None:
         record.response_model = _str(payload.get("model"))
 
 
+def _choices(payload: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Each object in ``choices`` with its ``index`` (its position when it has none)."""
+    for position, choice in enumerate(_list(payload.get("choices"))):
+        if isinstance(choice, dict):
+            index = _int(choice.get("index"))
+            yield (position if index is None else index), choice
+
+
 def _chat_json(record: LogRecord, response: dict[str, Any]) -> None:
     _apply_top(record, response)
     usage = _usage(response.get("usage"))
@@ -538,11 +546,7 @@ def _chat_json(record: LogRecord, response: dict[str, Any]) -> None:
         record.usage = usage
     parts: dict[int, list[str]] = {}
     tools = _ToolCalls()
-    for position, choice in enumerate(_list(response.get("choices"))):
-        if not isinstance(choice, dict):
-            continue
-        index = _int(choice.get("index"))
-        index = position if index is None else index
+    for index, choice in _choices(response):
         message = _dict(choice.get("message"))
         text = _content_text(message.get("content"))
         if text is None:
@@ -574,11 +578,7 @@ def _chat_stream(record: LogRecord, events: list[tuple[str, dict[str, Any]]]) ->
         usage = _usage(chunk.get("usage"))
         if usage is not None:
             record.usage = usage
-        for position, choice in enumerate(_list(chunk.get("choices"))):
-            if not isinstance(choice, dict):
-                continue
-            index = _int(choice.get("index"))
-            index = position if index is None else index
+        for index, choice in _choices(chunk):
             delta = _dict(choice.get("delta"))
             text = _str(delta.get("content"))
             if text is None:
