@@ -2,6 +2,7 @@
 
 * :func:`load_gateway` imports ``examples/gateway.py`` (not a package) once, under one module name
   that every gateway test shares, so its registered sink types are registered once.
+* :func:`gateway_settings` is the example gateway's settings for a test run under ``tmp_path``.
 * :func:`wait_for` (blocking) and :func:`wait_until` (async) poll a condition up to a deadline
   instead of sleeping a fixed time.
 * :func:`read_jsonl` reads a JSONL destination file.
@@ -63,6 +64,24 @@ def load_gateway() -> ModuleType:
         sys.modules[GATEWAY_MODULE] = module
         spec.loader.exec_module(module)
     return module
+
+
+def gateway_settings(tmp_path: Path, db_name: str, *, master_key: str, **overrides: Any) -> Any:
+    """The example gateway's ``GatewaySettings`` for one test.
+
+    Its own SQLite file ``db_name`` and the JSONL directory ``logs`` under ``tmp_path``, no config
+    file, and an explicit master key (so the gateway does not warn about the default one);
+    ``overrides`` sets any other field, or replaces one of these.
+    """
+    options: dict[str, Any] = {
+        "db": str(tmp_path / db_name),
+        "config": None,
+        "master_key": master_key,
+        "master_key_defaulted": False,
+        "jsonl_dir": str(tmp_path / "logs"),
+        **overrides,
+    }
+    return load_gateway().GatewaySettings(**options)
 
 
 def wait_for(

@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from team_logging_middleware.sinks import unregister_callback
 from tests.fixtures.servers import run_uvicorn_async
-from tests.helpers import load_gateway, read_jsonl
+from tests.helpers import gateway_settings, load_gateway, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 MASTER = "sk-test-master"
@@ -62,16 +62,8 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
     stack: list[Any] = []
 
     async def start(**overrides: Any) -> Running:
-        options: dict[str, Any] = {
-            "db": str(tmp_path / f"gw{len(stack)}.db"),
-            "config": None,
-            "master_key": MASTER,
-            "master_key_defaulted": False,
-            "jsonl_dir": str(tmp_path / "logs"),
-            "flush_interval": 0.02,
-            **overrides,
-        }
-        gateway = gw.create_gateway(gw.GatewaySettings(**options))
+        options: dict[str, Any] = {"master_key": MASTER, "flush_interval": 0.02, **overrides}
+        gateway = gw.create_gateway(gateway_settings(tmp_path, f"gw{len(stack)}.db", **options))
         server = run_uvicorn_async(gateway.app)
         base_url = await server.__aenter__()
         stack.append(server)

@@ -40,7 +40,7 @@ from tests.fixtures.fake_langfuse import FakeLangfuse, Project, langfuse_view
 from tests.fixtures.gcs_server import GcsServer
 from tests.fixtures.otlp_receiver import OtlpReceiver
 from tests.fixtures.servers import run_uvicorn_async
-from tests.helpers import asgi_http_scope, load_gateway, wait_until
+from tests.helpers import asgi_http_scope, gateway_settings, load_gateway, wait_until
 
 MASTER = "sk-precedence-master"
 AUTH = {"Authorization": f"Bearer {MASTER}"}
@@ -194,15 +194,12 @@ async def gateway_factory(tmp_path: Path) -> AsyncIterator[StartGateway]:
                     path.write_text(yaml.safe_dump(dict(config)))
                     config_path = str(path)
                 options: dict[str, Any] = {
-                    "db": str(tmp_path / f"gateway{n}.db"),
                     "config": config_path,
                     "master_key": MASTER,
-                    "master_key_defaulted": False,
-                    "jsonl_dir": str(tmp_path / "logs"),
                     "flush_interval": 0.01,
                     **overrides,
                 }
-                settings = gw.GatewaySettings(**options)
+                settings = gateway_settings(tmp_path, f"gateway{n}.db", **options)
             gateway = gw.create_gateway(settings)
             tracker = CallTracker(gateway.app)
             base_url = await stack.enter_async_context(run_uvicorn_async(tracker))

@@ -38,7 +38,7 @@ from tests.fixtures.fake_langfuse import FakeLangfuse
 from tests.fixtures.gcs_server import GcsServer
 from tests.fixtures.otlp_receiver import OtlpReceiver
 from tests.fixtures.servers import free_port, run_uvicorn_async
-from tests.helpers import load_gateway
+from tests.helpers import gateway_settings, load_gateway
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -172,12 +172,10 @@ async def test_no_secret_leaves_through_responses_logs_stats_or_records(
             },
         }
 
-    settings = gw.GatewaySettings(
-        db=str(tmp_path / "gateway.db"),
-        config=None,
+    settings = gateway_settings(
+        tmp_path,
+        "gateway.db",
         master_key=MASTER,
-        master_key_defaulted=False,
-        jsonl_dir=str(tmp_path / "logs"),
         flush_interval=0.02,
         dispatcher_options={"max_retries": 1, "backoff_base": 0.01, "backoff_max": 0.02},
     )
@@ -475,13 +473,7 @@ def test_the_gateway_warns_once_at_start_when_secrets_are_stored_in_plain_text(
 @contextlib.asynccontextmanager
 async def running_gateway(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
     gw = load_gateway()
-    settings = gw.GatewaySettings(
-        db=str(tmp_path / "auth.db"),
-        config=None,
-        master_key=MASTER,
-        master_key_defaulted=False,
-        jsonl_dir=str(tmp_path / "logs"),
-    )
+    settings = gateway_settings(tmp_path, "auth.db", master_key=MASTER)
     gateway = gw.create_gateway(settings)
     async with (
         run_uvicorn_async(gateway.app) as url,
