@@ -260,6 +260,16 @@ def count_tokens(text: str) -> int:
     return len(text.split())
 
 
+def answer_usage(prompt_tokens: int, answer: str) -> dict[str, int]:
+    """OpenAI's ``usage`` object for ``answer`` to a prompt of ``prompt_tokens`` tokens."""
+    completion_tokens = count_tokens(answer)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
 def _sse(payload: Mapping[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
@@ -300,12 +310,7 @@ class MockModel:
             if message.get("role") == "user":
                 last_user = text
         answer = f"You said: {last_user}"
-        completion_tokens = count_tokens(answer)
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
+        usage = answer_usage(prompt_tokens, answer)
         response_id = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
         if body.get("stream") is True:
@@ -376,13 +381,7 @@ class MockModel:
         if not isinstance(prompt, str):
             return openai_error(400, "'prompt' must be a string", type="invalid_request_error")
         answer = f"You said: {prompt}"
-        prompt_tokens = count_tokens(prompt)
-        completion_tokens = count_tokens(answer)
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
+        usage = answer_usage(count_tokens(prompt), answer)
         response_id = "cmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
         base = {"id": response_id, "object": "text_completion", "created": created, "model": model}
