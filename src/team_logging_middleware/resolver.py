@@ -19,11 +19,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Hashable, Iterable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
 from functools import partial
 from typing import Any, Generic, TypeVar
 
-from cachetools import TLRUCache
 from starlette.types import Scope
 
 from ._types import Caller
@@ -47,7 +47,11 @@ def bearer_token(scope: Scope) -> str | None:
     (Azure OpenAI-style clients) are used, matching what LLM gateways accept. Other
     ``Authorization`` schemes (e.g. Basic) are not API keys and are ignored.
     """
-    fallbacks: dict[bytes, bytes] = {}
+    # No dict or list per call: this runs on every logged request. Only the first occurrence of
+    # each fallback header counts, and an empty one defers to the next header name.
+    fallback: bytes | None = None
+    fallback_rank = len(_FALLBACK_HEADERS)
+    seen = 0
     headers: Iterable[tuple[bytes, bytes]] = scope.get("headers") or ()
     for name, value in headers:
         # ASGI requires lower-cased header names.
@@ -57,12 +61,15 @@ def bearer_token(scope: Scope) -> str | None:
                 token = token.strip()
                 if token:
                     return token.decode("latin-1")
-        elif name in _FALLBACK_HEADERS and name not in fallbacks:
-            fallbacks[name] = value
-    for name in _FALLBACK_HEADERS:
-        token = fallbacks.get(name, b"").strip()
-        if token:
-            return token.decode("latin-1")
+        elif name in _FALLBACK_HEADERS:
+            rank = _FALLBACK_HEADERS.index(name)
+            if not seen & (1 << rank):
+                seen |= 1 << rank
+                value = value.strip()
+                if value and rank < fallback_rank:
+                    fallback, fallback_rank = value, rank
+    if fallback is not None:
+        return fallback.decode("latin-1")
     return None
 
 
@@ -107,6 +114,67 @@ class _SingleFlight(Generic[K, V]):
             call.exception()  # retrieved: no "exception was never retrieved" if all waiters left
 
 
+class _TimedLRU(Generic[K, V]):
+    """A bounded map whose entries expire at their own deadline; least recently used go first.
+
+    The request path reads it on every request, so a hit is one dict lookup, one clock call and
+    a C-level ``move_to_end``; expired entries are dropped when met, and all of them by
+    :meth:`expire`. Same rules as ``cachetools.TLRUCache``: an entry whose deadline is not in
+    the future is not stored.
+    """
+
+    __slots__ = ("_items", "_maxsize", "_timer")
+
+    def __init__(self, maxsize: int, timer: Callable[[], float]) -> None:
+        self._items: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        self._maxsize = maxsize
+        self._timer = timer
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def keys(self) -> Iterator[K]:
+        return iter(list(self._items))
+
+    def values(self) -> list[V]:
+        return [value for _, value in self._items.values()]
+
+    def get(self, key: K, default: Any = None) -> Any:
+        entry = self._items.get(key)
+        if entry is None:
+            return default
+        if self._timer() >= entry[0]:
+            self._items.pop(key, None)
+            return default
+        self._items.move_to_end(key)
+        return entry[1]
+
+    def set(self, key: K, value: V, ttl: float) -> float:
+        """Store ``value`` for ``ttl`` seconds; returns its deadline (not stored unless > now)."""
+        now = self._timer()
+        expires = now + ttl
+        items = self._items
+        items.pop(key, None)
+        if not now < expires:
+            return expires
+        items[key] = (expires, value)
+        while len(items) > self._maxsize:
+            items.popitem(last=False)
+        return expires
+
+    def pop(self, key: K, default: Any = None) -> Any:
+        entry = self._items.pop(key, None)
+        return default if entry is None else entry[1]
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def expire(self) -> None:
+        now = self._timer()
+        for key in [k for k, (expires, _) in self._items.items() if now >= expires]:
+            del self._items[key]
+
+
 _MISSING: Any = object()
 
 
@@ -148,7 +216,7 @@ class CachedResolver:
         self._ttl = ttl
         self._negative_ttl = negative_ttl
         self._credential = credential
-        self._cache: TLRUCache[bytes, Caller | None] = TLRUCache(maxsize, self._ttu, timer=timer)
+        self._cache: _TimedLRU[bytes, Caller | None] = _TimedLRU(maxsize, timer)
         self._flight: _SingleFlight[bytes, Caller | None] = _SingleFlight()
         # Bumped by invalidate(): a lookup started before it must not store its (old) answer.
         self._generation = 0
@@ -161,6 +229,19 @@ class CachedResolver:
     def resolver(self) -> Resolver:
         """The wrapped resolver."""
         return self._resolver
+
+    def cached(self, scope: Scope) -> Any:
+        """The cached answer for the scope's credential, or ``_MISSING`` (no await, no call).
+
+        The request path tries this first; on ``_MISSING`` it awaits :meth:`__call__`.
+        """
+        credential = self._credential(scope)
+        if not credential:
+            return _MISSING
+        cached = self._cache.get(_digest(credential), _MISSING)
+        if cached is not _MISSING:
+            self._hits += 1
+        return cached
 
     async def __call__(self, scope: Scope) -> Caller | None:
         credential = self._credential(scope)
@@ -201,7 +282,7 @@ class CachedResolver:
     async def _load(self, key: bytes, scope: Scope, generation: int) -> Caller | None:
         caller = await self._resolve(scope)
         if generation == self._generation:
-            self._cache[key] = caller
+            self._cache.set(key, caller, self._ttl if caller is not None else self._negative_ttl)
         return caller
 
     async def _resolve(self, scope: Scope) -> Caller | None:
@@ -216,9 +297,6 @@ class CachedResolver:
                 f"the resolver returned {type(caller).__name__}; expected a Caller or None"
             )
         return caller
-
-    def _ttu(self, key: bytes, value: Caller | None, now: float) -> float:
-        return now + (self._ttl if value is not None else self._negative_ttl)
 
 
 def _digest(credential: str) -> bytes:
