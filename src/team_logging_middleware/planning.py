@@ -29,12 +29,12 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cachetools import LRUCache, TLRUCache, TTLCache
+from cachetools import LRUCache, TTLCache
 
 from ._types import NO_LOGGING, Caller, Destination, DestinationSource, Plan
 from .config import StaticConfig
 from .errors import StoreUnavailableError
-from .resolver import _SingleFlight
+from .resolver import _SingleFlight, _TimedLRU
 from .settings import CallbackSpec, MessageLogging, TeamSettings
 from .stores.base import SettingsStore
 
@@ -60,6 +60,8 @@ class _TeamView:
     source: DestinationSource | None  # "team" (store) or "config"
     state: _ViewState
     plans: LRUCache[_KeyFingerprint, Plan] = field(default_factory=lambda: LRUCache(256))
+    # Until when (the planner's clock) the view may be served; set when it is cached.
+    expires_at: float = 0.0
 
 
 class Planner:
@@ -110,7 +112,15 @@ class Planner:
         self._ttl = ttl
         self._retry_interval = min(retry_interval, ttl)
         self._max_plans = max_plans_per_team
-        self._views: TLRUCache[str, _TeamView] = TLRUCache(maxsize, self._ttu, timer=timer)
+        self._maxsize = maxsize
+        self._timer = timer
+        self._views: _TimedLRU[str, _TeamView] = _TimedLRU(maxsize, timer)
+        # The request path's shortcut: the plan last served to a Caller *object* (resolvers
+        # cache their Callers, so a key's requests bring the same object back), with the view it
+        # came from and the generation it was built in. Keyed by id(); the entry holds the
+        # Caller itself, so the id cannot be reused while the entry exists. Valid while the
+        # view has not expired and no invalidation happened since.
+        self._recent: dict[int, tuple[Caller, Plan, _TeamView, int]] = {}
         self._last_known: LRUCache[str, _TeamView] = LRUCache(maxsize)
         self._logged: TTLCache[str, bool] = TTLCache(1024, _STORE_LOG_INTERVAL, timer=timer)
         self._flight: _SingleFlight[str, _TeamView] = _SingleFlight()
@@ -118,7 +128,9 @@ class Planner:
         # access is a short critical section, never held across an await.
         self._lock = threading.Lock()
         self._generation = 0
-        self._no_team = _TeamView(None, None, "fresh", LRUCache(max_plans_per_team))
+        self._no_team = _TeamView(
+            None, None, "fresh", LRUCache(max_plans_per_team), expires_at=float("inf")
+        )
         unknown = self._config.log_unknown_callers
         if log_unknown_callers is not None:
             unknown = log_unknown_callers
@@ -134,11 +146,34 @@ class Planner:
     def config(self) -> StaticConfig:
         return self._config
 
-    async def plan_for(self, caller: Caller | None) -> Plan:
-        """The plan for a request made by ``caller`` (None: an unknown caller)."""
+    def cached_plan(self, caller: Caller | None) -> Plan | None:
+        """The plan for ``caller`` when it is known without reading the store, else None.
+
+        Synchronous and allocation-free on a hit: the request path tries it before awaiting
+        :meth:`plan_for`. A hit is counted like one of :meth:`plan_for`.
+        """
         if caller is None:
             self._hits += 1
             return self._unknown_plan
+        entry = self._recent.get(id(caller))
+        if (
+            entry is None
+            or entry[0] is not caller
+            or entry[3] != self._generation
+            or self._timer() >= entry[2].expires_at
+        ):
+            return None
+        self._hits += 1
+        self._count_degraded(entry[2])
+        return entry[1]
+
+    async def plan_for(self, caller: Caller | None) -> Plan:
+        """The plan for a request made by ``caller`` (None: an unknown caller)."""
+        plan = self.cached_plan(caller)
+        if plan is not None:
+            return plan
+        assert caller is not None
+        generation = self._generation
         fingerprint = _fingerprint(caller)
         team_id = caller.team_id
         with self._lock:
@@ -154,11 +189,19 @@ class Planner:
                 view.plans[fingerprint] = plan
         else:
             self._hits += 1
-        if view.state == "stale":
-            self._stale_served += 1
-        elif view.state == "failsafe":
-            self._failsafe_served += 1
+        self._count_degraded(view)
+        recent = self._recent
+        if len(recent) >= self._maxsize:
+            del recent[next(iter(recent))]  # the oldest entry; it is only a shortcut
+        recent[id(caller)] = (caller, plan, view, generation)
         return plan
+
+    def _count_degraded(self, view: _TeamView) -> None:
+        state = view.state
+        if state == "stale":
+            self._stale_served += 1
+        elif state == "failsafe":
+            self._failsafe_served += 1
 
     def invalidate(self, team_id: str | None = None) -> None:
         """Forget a team's cached settings and plans (None or ``"*"``: every team).
@@ -167,6 +210,7 @@ class Planner:
         """
         with self._lock:
             self._generation += 1
+            self._recent.clear()
             if team_id is None or team_id == "*":
                 self._views.clear()
                 self._last_known.clear()
@@ -248,7 +292,8 @@ class Planner:
                 # A read that started before an invalidation may hold outdated settings: it
                 # answers the requests that waited for it, but is not remembered.
                 if generation == self._generation:
-                    self._views[team_id] = view
+                    ttl = self._ttl if view.state == "fresh" else self._retry_interval
+                    view.expires_at = self._views.set(team_id, view, ttl)
                     if fresh:
                         self._last_known[team_id] = view
             return view
@@ -282,9 +327,6 @@ class Planner:
                 outcome,
             )
         return view
-
-    def _ttu(self, key: str, view: _TeamView, now: float) -> float:
-        return now + (self._ttl if view.state == "fresh" else self._retry_interval)
 
     # -- the rules ----------------------------------------------------------------------------
 
