@@ -247,8 +247,10 @@ class TeamLoggingMiddleware:
     """
 
     __slots__ = (
+        "_decide",
         "_has_started",
         "_is_logged",
+        "_routes",
         "_throttle",
         "_warned_not_started",
         "app",
@@ -301,12 +303,18 @@ class TeamLoggingMiddleware:
         attach = getattr(team_logging, "attach_request_path", None)
         if attach is not None:
             attach(self.stats.as_dict)
+        # The runtime's synchronous shortcut (both answers cached: nothing to await), if any.
+        self._decide: Callable[[Scope], tuple[Caller | None, Plan | None] | None] | None = (
+            getattr(team_logging, "cached_decision", None)
+        )
+        self._routes: frozenset[str] | None = None
         if callable(routes):
             self._is_logged: RoutePredicate = routes
         else:
             if isinstance(routes, str):
                 raise TypeError("routes must be an iterable of paths, not a single string")
-            self._is_logged = _route_matcher(frozenset(_normalize_route(r) for r in routes))
+            self._routes = frozenset(_normalize_route(r) for r in routes)
+            self._is_logged = _route_matcher(self._routes)
         self._throttle = _Throttle(_ERROR_LOG_INTERVAL)
         self._has_started = False
         self._warned_not_started = False
@@ -321,33 +329,37 @@ class TeamLoggingMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        if not self._is_logged(_route_path(scope)):
+        routes = self._routes
+        if routes is not None and not scope.get("root_path"):
+            # The default route table, unmounted: the same rule as _route_matcher, inlined.
+            path: str = scope["path"]
+            logged = path in routes or (len(path) > 1 and path[-1] == "/" and path[:-1] in routes)
+        else:
+            logged = self._is_logged(_route_path(scope))
+        if not logged:
             await self.app(scope, receive, send)
             return
 
-        start_time = time.time()
-        start_perf = perf_counter()
-        runtime = self.team_logging
-        caller: Caller | None = None
-        plan: Plan = NO_LOGGING
-        try:
-            caller = await runtime.resolve(scope)
-        except Exception as exc:
-            self.stats.resolver_errors += 1
-            self._log_plugin_error("resolver", exc)
-            if self.fail_closed:
-                await self._refuse(send)
-                return
-        else:
+        decided = None
+        decide = self._decide
+        if decide is not None:
             try:
-                plan = await runtime.plan_for(caller)
-            except Exception as exc:
-                self.stats.plan_errors += 1
-                self._log_plugin_error("planner", exc)
-                if self.fail_closed:
-                    await self._refuse(send)
-                    return
-                plan = NO_LOGGING
+                decided = decide(scope)
+            except Exception:
+                decided = None  # the awaited path below meets the error again, and counts it
+        caller, cached_plan = decided if decided is not None else (None, None)
+        if cached_plan is not None:
+            # Both answers were cached: nothing was awaited, so the clock starts below, and
+            # only for a request that is captured (0.0: not started yet).
+            plan = cached_plan
+            start_time = start_perf = 0.0
+        else:
+            start_time = time.time()
+            start_perf = perf_counter()
+            outcome = await self._resolve_and_plan(scope, send, decided)
+            if outcome is None:
+                return  # refused (fail_closed)
+            caller, plan = outcome
 
         state = scope.get("state")
         if state is None:
@@ -358,6 +370,9 @@ class TeamLoggingMiddleware:
             await self.app(scope, receive, send)
             return
 
+        if not start_perf:
+            start_time = time.time()
+            start_perf = perf_counter()
         if not self._warned_not_started:
             self._check_started()
         recorder = ExchangeRecorder(receive, send, self.max_request_bytes, self.max_response_bytes)
@@ -384,6 +399,34 @@ class TeamLoggingMiddleware:
             raise
         finally:
             self._submit(recorder, scope, start_time, start_perf, plan, caller, exc_seen, cache_hit)
+
+    async def _resolve_and_plan(
+        self, scope: Scope, send: Send, decided: tuple[Caller | None, Plan | None] | None
+    ) -> tuple[Caller | None, Plan] | None:
+        """Ask the runtime who is calling and what their plan is; None when refused with 503.
+
+        ``decided``: what the runtime's caches already knew (a caller without its plan), if any.
+        """
+        runtime = self.team_logging
+        caller: Caller | None = None
+        try:
+            caller = decided[0] if decided is not None else await runtime.resolve(scope)
+        except Exception as exc:
+            self.stats.resolver_errors += 1
+            self._log_plugin_error("resolver", exc)
+            if self.fail_closed:
+                await self._refuse(send)
+                return None
+            return None, NO_LOGGING
+        try:
+            return caller, await runtime.plan_for(caller)
+        except Exception as exc:
+            self.stats.plan_errors += 1
+            self._log_plugin_error("planner", exc)
+            if self.fail_closed:
+                await self._refuse(send)
+                return None
+            return caller, NO_LOGGING
 
     async def _open_cache(
         self, scope: Scope, recorder: ExchangeRecorder, plan: Plan

@@ -20,7 +20,7 @@ from .config import StaticConfig
 from .dispatcher import Dispatcher
 from .planning import Planner
 from .records import Exchange
-from .resolver import CachedResolver, Resolver
+from .resolver import _MISSING, CachedResolver, Resolver
 from .settings import DEFAULT_ENV_ALLOWLIST
 from .sinks import default_registry
 from .sinks.base import SinkRegistry
@@ -116,6 +116,24 @@ class TeamLogging:
 
     async def plan_for(self, caller: Caller | None) -> Plan:
         return await self.planner.plan_for(caller)
+
+    def cached_decision(self, scope: Scope) -> tuple[Caller | None, Plan | None] | None:
+        """What the caches already know about ``scope``'s request, without awaiting anything.
+
+        None: the caller is not cached (await :meth:`resolve`, then :meth:`plan_for`).
+        ``(caller, None)``: the caller is cached but its plan is not (await :meth:`plan_for`).
+        ``(caller, plan)``: both are cached; the request awaits nothing before the app runs.
+        Hits are counted by the resolver and the planner as usual, and whatever invalidates
+        their caches (TTL, ``invalidate``, store changes) invalidates this answer too.
+        """
+        resolver = self.resolver
+        if resolver is None:
+            caller = None
+        else:
+            caller = resolver.cached(scope)
+            if caller is _MISSING:
+                return None
+        return caller, self.planner.cached_plan(caller)
 
     def submit(self, exchange: Exchange) -> bool:
         return self.dispatcher.submit(exchange)
