@@ -56,6 +56,15 @@ def make_record(**overrides: Any) -> LogRecord:
     return sample_record(defaults, overrides)
 
 
+def endpoint_for(receiver: OtlpReceiver, protocol: str, http_tenant: str) -> tuple[str, str]:
+    """``(endpoint, tenant)``: the receiver's gRPC target (one tenant, ``"grpc"``), or its HTTP
+    endpoint for ``http_tenant``.
+    """
+    if protocol == "grpc":
+        return "http://" + receiver.grpc_target, "grpc"
+    return receiver.endpoint(http_tenant), http_tenant
+
+
 @pytest.fixture
 async def make_sink(shared_http: httpx.AsyncClient) -> AsyncIterator[SinkMaker[OtelSink]]:
     """Builds destinations through the sink type's factory; closes them all at teardown."""
@@ -349,10 +358,7 @@ async def test_environment_headers_never_reach_a_tenant_collector(
     tenant_headers: str,
 ) -> None:
     _set_operator_env(monkeypatch, otlp_receiver.down_endpoint())
-    if protocol == "grpc":
-        endpoint, tenant = "http://" + otlp_receiver.grpc_target, "grpc"
-    else:
-        endpoint, tenant = otlp_receiver.endpoint("tenant"), "tenant"
+    endpoint, tenant = endpoint_for(otlp_receiver, protocol, "tenant")
     callback_vars = {"otel_endpoint": endpoint, "otel_protocol": protocol}
     if tenant_headers:
         callback_vars["otel_headers"] = tenant_headers
@@ -378,12 +384,7 @@ async def test_wrong_credentials_are_a_non_retryable_error(
     protocol: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    tenant = "grpc" if protocol == "grpc" else "auth"
-    endpoint = (
-        "http://" + otlp_receiver.grpc_target
-        if protocol == "grpc"
-        else otlp_receiver.endpoint(tenant)
-    )
+    endpoint, tenant = endpoint_for(otlp_receiver, protocol, "auth")
     otlp_receiver.require_header("authorization", "Bearer right", tenant=tenant)
     sink = make_sink(
         {
@@ -495,12 +496,7 @@ async def test_a_host_name_is_resolved_and_used(
 async def test_check_sends_one_test_span_and_reports_failures(
     otlp_receiver: OtlpReceiver, make_sink: Callable[..., OtelSink], protocol: str
 ) -> None:
-    tenant = "grpc" if protocol == "grpc" else "chk"
-    endpoint = (
-        "http://" + otlp_receiver.grpc_target
-        if protocol == "grpc"
-        else otlp_receiver.endpoint(tenant)
-    )
+    endpoint, tenant = endpoint_for(otlp_receiver, protocol, "chk")
     otlp_receiver.require_header("x-key", "good", tenant=tenant)
     good = make_sink(
         {"otel_endpoint": endpoint, "otel_protocol": protocol, "otel_headers": "x-key=good"}
