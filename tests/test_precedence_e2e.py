@@ -229,6 +229,26 @@ def jsonl_entry(path: str, callback_type: str = "success_and_failure") -> dict[s
     }
 
 
+def default_jsonl_config(teams: list[dict[str, Any]]) -> dict[str, Any]:
+    """A config file whose global default is ``default.jsonl``, with these team entries."""
+    return {"default_callbacks": [jsonl_entry("default.jsonl")], "default_team_settings": teams}
+
+
+async def start_with_team(
+    start_gateway: StartGateway, team: dict[str, Any], *, in_config: bool
+) -> GatewayUnderTest:
+    """A gateway whose global default is ``default.jsonl``, and one team.
+
+    ``in_config``: the team's whole entry is in the config file. Otherwise only its callbacks
+    are added, through the admin API; its other fields are for the test to set.
+    """
+    gateway = await start_gateway(config=default_jsonl_config([team] if in_config else []))
+    if not in_config:
+        for entry in team["callbacks"]:
+            await gateway.add_callback(team["team_id"], entry)
+    return gateway
+
+
 def langfuse_entry(
     fake: FakeLangfuse, project: Project, callback_type: str = "success_and_failure"
 ) -> dict[str, Any]:
@@ -637,15 +657,11 @@ async def test_rule4_disabled_logging_sends_nothing_anywhere(
     p_team, p_key = fake_langfuse.add_project(name="team"), fake_langfuse.add_project(name="key")
     team_entries = [jsonl_entry("gdpr-team.jsonl"), langfuse_entry(fake_langfuse, p_team)]
     key_entries = [jsonl_entry("gdpr-key.jsonl"), langfuse_entry(fake_langfuse, p_key)]
-    teams: list[dict[str, Any]] = []
-    if how == "config_file":
-        teams.append({"team_id": "gdpr", "logging_enabled": False, "callbacks": team_entries})
-    gateway = await start_gateway(
-        config={"default_callbacks": [jsonl_entry("default.jsonl")], "default_team_settings": teams}
+    gateway = await start_with_team(
+        start_gateway,
+        {"team_id": "gdpr", "logging_enabled": False, "callbacks": team_entries},
+        in_config=how == "config_file",
     )
-    if how != "config_file":
-        for entry in team_entries:
-            await gateway.add_callback("gdpr", entry)
     if how == "disable_logging":
         await gateway.ok("POST", "/team/gdpr/disable_logging")
     elif how == "patch_settings":
@@ -935,15 +951,12 @@ async def test_rule5_metadata_only_redacts_content_in_every_destination(
     bucket = await asyncio.to_thread(gcs_server.new_bucket)
     tenant = f"redact-{where}"
     team_entries = [jsonl_entry("team.jsonl"), langfuse_entry(fake_langfuse, project)]
-    teams: list[dict[str, Any]] = []
-    if where == "config":
-        teams.append({"team_id": "t", "message_logging": team_mode, "callbacks": team_entries})
-    gateway = await start_gateway(
-        config={"default_callbacks": [jsonl_entry("default.jsonl")], "default_team_settings": teams}
+    gateway = await start_with_team(
+        start_gateway,
+        {"team_id": "t", "message_logging": team_mode, "callbacks": team_entries},
+        in_config=where == "config",
     )
     if where != "config":
-        for entry in team_entries:
-            await gateway.add_callback("t", entry)
         await gateway.ok("PATCH", "/team/t/settings", {"message_logging": team_mode})
     metadata: dict[str, Any] = {
         "logging": [
@@ -1219,7 +1232,7 @@ class PropertyWorld:
                         "callbacks": [jsonl_entry(f"cfg{slot}.jsonl")],
                     }
                 )
-        return {"default_callbacks": [jsonl_entry("default.jsonl")], "default_team_settings": teams}
+        return default_jsonl_config(teams)
 
     def destinations(self) -> dict[str, Callable[[], list[str]]]:
         readers: dict[str, Callable[[], list[str]]] = {
