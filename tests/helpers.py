@@ -5,6 +5,7 @@
 * :func:`gateway_settings` is the example gateway's settings for a test run under ``tmp_path``.
 * :func:`wait_for` (blocking) and :func:`wait_until` (async) poll a condition up to a deadline
   instead of sleeping a fixed time.
+* :func:`chat_answer` sends one chat completion through a gateway and returns its answer.
 * :func:`read_jsonl` reads a JSONL destination file.
 * :func:`sample_record` builds a :class:`LogRecord` for sink tests from a module's own defaults.
 * :func:`langfuse_team` builds the team settings the settings store tests save and read back.
@@ -113,6 +114,26 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(interval)
+
+
+def chat_answer(client: httpx.Client, body: dict[str, Any], headers: dict[str, str]) -> str:
+    """POST one chat completion (streamed when ``body["stream"]``); assert a 200, return the text.
+
+    A stream's every ``data:`` event but ``[DONE]`` must be a chunk; the answer is its deltas.
+    """
+    if not body.get("stream"):
+        response = client.post("/v1/chat/completions", json=body, headers=headers)
+        assert response.status_code == 200, response.text
+        content: str = response.json()["choices"][0]["message"]["content"]
+        return content
+    parts: list[str] = []
+    with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for choice in json.loads(line[6:])["choices"]:
+                    parts.append(choice["delta"].get("content") or "")
+    return "".join(parts)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

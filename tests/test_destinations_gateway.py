@@ -36,7 +36,7 @@ from team_logging_middleware.records import LogRecord
 from team_logging_middleware.settings import CallbackSpec
 from tests.fixtures.gcs_server import GcsServer
 from tests.fixtures.otlp_receiver import OtlpReceiver, ReceivedSpan
-from tests.helpers import load_gateway, wait_for
+from tests.helpers import chat_answer, load_gateway, wait_for
 
 MASTER = "sk-1234"
 AUTH = {"Authorization": f"Bearer {MASTER}"}
@@ -127,21 +127,10 @@ def chat(
         "temperature": 0.5,
     }
     headers = {"Authorization": f"Bearer {key}", "x-request-id": request_id}
-    before = time.time()
-    if not stream:
-        response = client.post("/v1/chat/completions", json=body, headers=headers)
-        assert response.status_code == 200, response.text
-        answer = response.json()["choices"][0]["message"]["content"]
-    else:
+    if stream:
         body.update(stream=True, stream_options={"include_usage": True})
-        pieces: list[str] = []
-        with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response:
-            assert response.status_code == 200
-            for line in response.iter_lines():
-                if line.startswith("data: {"):
-                    for choice in json.loads(line[6:])["choices"]:
-                        pieces.append(choice["delta"].get("content") or "")
-        answer = "".join(pieces)
+    before = time.time()
+    answer = chat_answer(client, body, headers)
     after = time.time()
     assert answer == f"You said: {text}"
     return before, after

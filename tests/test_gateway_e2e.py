@@ -17,7 +17,7 @@ import pytest
 
 from team_logging_middleware.records import REDACTED
 from tests.fixtures.fake_langfuse import FakeLangfuse
-from tests.helpers import load_gateway, read_jsonl, wait_for
+from tests.helpers import chat_answer, load_gateway, read_jsonl, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 MASTER = "sk-1234"  # the gateway's documented default
@@ -40,21 +40,9 @@ def chat(
     client: httpx.Client, key: str, text: str, *, stream: bool = False, model: str = "gpt-4"
 ) -> str:
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": text}]}
-    headers = {"Authorization": f"Bearer {key}"}
-    if not stream:
-        response = client.post("/v1/chat/completions", json=body, headers=headers)
-        assert response.status_code == 200, response.text
-        content: str = response.json()["choices"][0]["message"]["content"]
-        return content
-    body.update(stream=True, stream_options={"include_usage": True})
-    parts: list[str] = []
-    with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response:
-        assert response.status_code == 200
-        for line in response.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                for choice in json.loads(line[6:])["choices"]:
-                    parts.append(choice["delta"].get("content") or "")
-    return "".join(parts)
+    if stream:
+        body.update(stream=True, stream_options={"include_usage": True})
+    return chat_answer(client, body, {"Authorization": f"Bearer {key}"})
 
 
 @pytest.fixture
