@@ -672,3 +672,57 @@ def _check_plan(
         # No destination of another team.
         assert owner in (None, caller.team_id)
         assert (owner is None) == (destination.source in ("default", "key"))
+
+
+# -- the request path's shortcut: the plan last served to a Caller object ----------------------
+
+
+async def test_a_callers_plan_is_reused_until_its_team_changes_or_expires() -> None:
+    clock = Clock()
+    store = SwitchableStore()
+    await store.put_team(TeamSettings(team_id="t", callbacks=[TEAM_LF]))
+    planner = await planner_with(store=store, ttl=30, timer=clock)
+    caller = Caller(team_id="t", key_id="k")
+    first = await planner.plan_for(caller)
+    assert planner.cached_plan(caller) is first
+    assert planner.cached_plan(Caller(team_id="t", key_id="k")) is None  # another object
+    assert await planner.plan_for(Caller(team_id="t", key_id="k")) == first
+    assert store.reads == 1
+
+    await store.put_team(TeamSettings(team_id="t", logging_enabled=False))  # notifies
+    assert planner.cached_plan(caller) is None
+    assert not (await planner.plan_for(caller)).logging_enabled
+    assert store.reads == 2
+
+    clock.now += 30
+    assert planner.cached_plan(caller) is None
+    await planner.plan_for(caller)
+    assert store.reads == 3
+    assert planner.stats()["hits"] == 2 and planner.stats()["misses"] == 3
+
+
+async def test_a_plan_read_across_an_invalidation_is_not_reused() -> None:
+    store = SwitchableStore()
+    planner = await planner_with(store=store)
+    caller = Caller(team_id="t")
+    store.gate = asyncio.Event()
+    pending = asyncio.ensure_future(planner.plan_for(caller))
+    await asyncio.wait_for(_until(lambda: store.reads == 1), 5)
+    planner.invalidate("t")
+    store.gate.set()
+    await pending
+    assert planner.cached_plan(caller) is None  # it answered its request, nothing more
+
+
+async def test_the_unknown_caller_and_degraded_plans_are_counted_on_the_shortcut() -> None:
+    clock = Clock()
+    store = SwitchableStore()
+    planner = await planner_with(store=store, timer=clock, retry_interval=1)
+    assert planner.cached_plan(None) is await planner.plan_for(None)
+    store.up = False
+    caller = Caller(team_id="t")
+    assert not (await planner.plan_for(caller)).logging_enabled
+    assert planner.cached_plan(caller) is not None
+    assert planner.stats()["failsafe_served"] == 2
+    clock.now += 1  # the retry interval: the store is asked again
+    assert planner.cached_plan(caller) is None

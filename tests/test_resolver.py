@@ -340,3 +340,49 @@ async def test_a_lookup_running_during_invalidate_is_not_cached() -> None:
     inner.keys.clear()
     assert await resolver(auth()) is None
     assert inner.calls == 2
+
+
+# -- the request path's synchronous lookup ------------------------------------------------------
+
+
+async def test_cached_answers_only_what_a_call_has_cached_and_counts_hits() -> None:
+    clock = Clock()
+    inner = CountingResolver()
+    resolver = CachedResolver(inner, ttl=10, timer=clock)
+    missing = resolver.cached(auth())
+    assert missing is resolver.cached(scope())  # no credential: nothing to look up
+    assert missing is not None and not isinstance(missing, Caller)
+    caller = await resolver(auth())
+    assert resolver.cached(auth()) is caller  # the very object: the planner keys on it
+    assert inner.calls == 1 and resolver.stats()["hits"] == 1
+    clock.now += 10
+    assert resolver.cached(auth()) is missing  # expired
+    await resolver(auth())
+    resolver.invalidate(KEY)
+    assert resolver.cached(auth()) is missing
+    assert inner.calls == 2
+
+
+async def test_cached_remembers_unknown_callers_for_the_negative_ttl_only() -> None:
+    clock = Clock()
+    resolver = CachedResolver(CountingResolver({}), negative_ttl=2, timer=clock)
+    assert await resolver(auth("nobody")) is None
+    assert resolver.cached(auth("nobody")) is None  # a cached "unknown", not a miss
+    clock.now += 2
+    assert resolver.cached(auth("nobody")) is not None  # the miss marker again
+
+
+async def test_zero_ttl_caches_nothing() -> None:
+    inner = CountingResolver()
+    resolver = CachedResolver(inner, ttl=0)
+    await resolver(auth())
+    await resolver(auth())
+    assert inner.calls == 2 and resolver.stats()["size"] == 0
+
+
+def test_only_the_first_fallback_header_of_each_name_counts() -> None:
+    assert (
+        bearer_token(scope(("x-api-key", " "), ("x-api-key", "later"), ("api-key", "az"))) == "az"
+    )
+    assert bearer_token(scope(("api-key", "az"), ("x-api-key", "anthropic"))) == "anthropic"
+    assert bearer_token(scope(("authorization", "Basic abc"), ("api-key", " az "))) == "az"

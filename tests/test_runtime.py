@@ -69,3 +69,46 @@ def test_env_allowlist_comes_from_the_config_file_unless_given() -> None:
     assert TeamLogging(config=config).env_allowlist == ("MY_*",)
     assert TeamLogging(config=config, env_allowlist=["X_*"]).env_allowlist == ("X_*",)
     assert TeamLogging().env_allowlist == ("LANGFUSE_*", "OTEL_*", "GCS_*")
+
+
+async def test_a_cached_request_awaits_nothing_and_follows_invalidations() -> None:
+    from team_logging_middleware._types import Caller
+    from team_logging_middleware.settings import TeamSettings
+
+    calls = 0
+    caller = Caller(team_id="t", key_id="k")
+
+    async def resolver(scope: Any) -> Caller:
+        nonlocal calls
+        calls += 1
+        return caller
+
+    tl = TeamLogging(resolver)
+    scope = {"type": "http", "headers": [(b"authorization", b"Bearer k")]}
+    assert tl.cached_decision(scope) is None  # nothing cached yet
+    assert await tl.resolve(scope) is caller
+    assert tl.cached_decision(scope) == (caller, None)  # the caller, not yet its plan
+    plan = await tl.plan_for(caller)
+    assert tl.cached_decision(scope) == (caller, plan)
+
+    await tl.store.put_team(TeamSettings(team_id="t", logging_enabled=False))
+    assert tl.cached_decision(scope) == (caller, None)
+    assert tl.resolver is not None
+    tl.resolver.invalidate("k")
+    assert tl.cached_decision(scope) is None
+
+    # Through the middleware: the second request is answered from the caches.
+    app = TeamLoggingMiddleware(_ok_app, team_logging=tl)
+    async with tl:
+        await _call(app)
+        await _call(app)
+    assert calls == 2
+    stats = (await tl.health())["planner"]
+    assert stats["hits"] >= 1
+
+
+async def test_without_a_resolver_every_request_gets_the_unknown_callers_plan() -> None:
+    tl = TeamLogging()
+    decision = tl.cached_decision({"type": "http", "headers": []})
+    assert decision is not None and decision[0] is None
+    assert decision[1] is await tl.plan_for(None)

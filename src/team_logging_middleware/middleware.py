@@ -304,8 +304,8 @@ class TeamLoggingMiddleware:
         if attach is not None:
             attach(self.stats.as_dict)
         # The runtime's synchronous shortcut (both answers cached: nothing to await), if any.
-        self._decide: Callable[[Scope], tuple[Caller | None, Plan | None] | None] | None = (
-            getattr(team_logging, "cached_decision", None)
+        self._decide: Callable[[Scope], tuple[Caller | None, Plan | None] | None] | None = getattr(
+            team_logging, "cached_decision", None
         )
         self._routes: frozenset[str] | None = None
         if callable(routes):
