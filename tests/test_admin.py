@@ -676,14 +676,7 @@ async def test_callback_test_against_langfuse_keys_and_reachability(
 ) -> None:
     admin = await make_admin()
     project = fake_langfuse.add_project()
-    good = {
-        "callback_name": "langfuse",
-        "callback_vars": {
-            "langfuse_public_key": project.public_key,
-            "langfuse_secret_key": project.secret_key,
-            "langfuse_host": fake_langfuse.url,
-        },
-    }
+    good = {"callback_name": "langfuse", "callback_vars": fake_langfuse.callback_vars(project)}
     assert (await admin.client.post("/team/good/callback", json=good, headers=AUTH)).is_success
     response = await admin.client.post("/team/good/callback/langfuse/test", headers=AUTH)
     assert response.status_code == 200, response.text

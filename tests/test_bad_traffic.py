@@ -568,14 +568,7 @@ async def test_text_no_encoder_accepts_does_not_poison_a_batch(
     project = fake_langfuse.add_project()
     bucket = gcs_server.new_bucket()
     destinations = [
-        CallbackSpec(
-            callback_name="langfuse",
-            callback_vars={
-                "langfuse_public_key": project.public_key,
-                "langfuse_secret_key": project.secret_key,
-                "langfuse_host": fake_langfuse.url,
-            },
-        ),
+        CallbackSpec(callback_name="langfuse", callback_vars=fake_langfuse.callback_vars(project)),
         CallbackSpec(
             callback_name="otel", callback_vars={"otel_endpoint": otlp_receiver.endpoint()}
         ),

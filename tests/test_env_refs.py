@@ -350,14 +350,7 @@ async def test_a_delegated_team_admin_cannot_use_env_refs_anywhere(
         assert_refused(response, "metadata.logging[0].callback_vars.langfuse_public_key", refusal)
 
     # The same entry with literal values is fine for the team admin.
-    literal = {
-        "callback_name": "langfuse",
-        "callback_vars": {
-            "langfuse_public_key": project.public_key,
-            "langfuse_secret_key": project.secret_key,
-            "langfuse_host": fake_langfuse.url,
-        },
-    }
+    literal = {"callback_name": "langfuse", "callback_vars": fake_langfuse.callback_vars(project)}
     response = await gateway.admin("POST", "/team/team-a/callback", literal, token=admin_key)
     assert response.status_code == 200, response.text
     assert project.secret_key not in response.text

@@ -81,11 +81,7 @@ def _langfuse(fake: FakeLangfuse, project: Project) -> CallbackSpec:
     return CallbackSpec(
         callback_name="langfuse",
         callback_type="success_and_failure",
-        callback_vars={
-            "langfuse_public_key": project.public_key,
-            "langfuse_secret_key": project.secret_key,
-            "langfuse_host": fake.url,
-        },
+        callback_vars=fake.callback_vars(project),
     )
 
 

@@ -194,11 +194,7 @@ async def _team_settings(
     spec = CallbackSpec(
         callback_name="langfuse",
         callback_type="success_and_failure",
-        callback_vars={
-            "langfuse_public_key": project.public_key,
-            "langfuse_secret_key": project.secret_key,
-            "langfuse_host": fake.url,
-        },
+        callback_vars=fake.callback_vars(project),
     )
     await store.put_team(TeamSettings(team_id=team, callbacks=[spec]))
 

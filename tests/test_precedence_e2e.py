@@ -255,11 +255,7 @@ def langfuse_entry(
     return {
         "callback_name": "langfuse",
         "callback_type": callback_type,
-        "callback_vars": {
-            "langfuse_public_key": project.public_key,
-            "langfuse_secret_key": project.secret_key,
-            "langfuse_host": fake.url,
-        },
+        "callback_vars": fake.callback_vars(project),
     }
 
 
