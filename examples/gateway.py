@@ -64,6 +64,7 @@ from team_logging_middleware.admin import (
     create_admin_app,
     error_response,
     read_json_body,
+    read_json_object,
     refusal_response,
     unexpected_error_response,
     validation_error,
@@ -621,9 +622,7 @@ def create_gateway(settings: GatewaySettings) -> Gateway:
 
     async def key_generate(request: Request) -> Response:
         principal = await access.authenticate(request, None)
-        body = await read_json_body(request, ADMIN_BODY_BYTES)
-        if not isinstance(body, dict):
-            raise AdminError(422, "the request body must be a JSON object", type="validation_error")
+        body = await read_json_object(request, ADMIN_BODY_BYTES)
         req = KeyGenerateRequest.model_validate(body)
         _check_team(principal, req.team_id)
         metadata = validate_logging(req.metadata, principal)
@@ -656,9 +655,7 @@ def create_gateway(settings: GatewaySettings) -> Gateway:
 
     async def key_update(request: Request) -> Response:
         principal = await access.authenticate(request, None)
-        body = await read_json_body(request, ADMIN_BODY_BYTES)
-        if not isinstance(body, dict):
-            raise AdminError(422, "the request body must be a JSON object", type="validation_error")
+        body = await read_json_object(request, ADMIN_BODY_BYTES)
         req = KeyUpdateRequest.model_validate(body)
         key_hash = hash_key(req.key)
         record = await store.get_key(key_hash)

@@ -80,6 +80,7 @@ __all__ = [
     "create_admin_app",
     "error_response",
     "read_json_body",
+    "read_json_object",
     "refusal_response",
     "unexpected_error_response",
     "validation_error",
@@ -324,6 +325,7 @@ async def read_json_body(request: Request, max_bytes: int = DEFAULT_MAX_BODY_BYT
 async def read_json_object(
     request: Request, max_bytes: int = DEFAULT_MAX_BODY_BYTES
 ) -> dict[str, Any]:
+    """:func:`read_json_body`, and a 422 unless the body is a JSON object."""
     value = await read_json_body(request, max_bytes)
     if not isinstance(value, dict):
         raise AdminError(422, "the request body must be a JSON object", type="validation_error")
