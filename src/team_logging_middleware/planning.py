@@ -164,7 +164,8 @@ class Planner:
         ):
             return None
         self._hits += 1
-        self._count_degraded(entry[2])
+        if entry[2].state != "fresh":
+            self._count_degraded(entry[2])
         return entry[1]
 
     async def plan_for(self, caller: Caller | None) -> Plan:

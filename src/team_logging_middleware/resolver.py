@@ -37,6 +37,7 @@ CredentialGetter = Callable[[Scope], str | None]
 """Extracts the credential that identifies a caller (the cache key) from the scope."""
 
 _FALLBACK_HEADERS = (b"x-api-key", b"api-key")
+_CREDENTIAL_HEADERS = frozenset((b"authorization", *_FALLBACK_HEADERS))
 
 
 def bearer_token(scope: Scope) -> str | None:
@@ -54,14 +55,16 @@ def bearer_token(scope: Scope) -> str | None:
     seen = 0
     headers: Iterable[tuple[bytes, bytes]] = scope.get("headers") or ()
     for name, value in headers:
-        # ASGI requires lower-cased header names.
+        # ASGI requires lower-cased header names. One set lookup skips every other header.
+        if name not in _CREDENTIAL_HEADERS:
+            continue
         if name == b"authorization":
             scheme, _, token = value.partition(b" ")
             if scheme.lower() == b"bearer":
                 token = token.strip()
                 if token:
                     return token.decode("latin-1")
-        elif name in _FALLBACK_HEADERS:
+        else:
             rank = _FALLBACK_HEADERS.index(name)
             if not seen & (1 << rank):
                 seen |= 1 << rank
@@ -299,5 +302,6 @@ class CachedResolver:
         return caller
 
 
-def _digest(credential: str) -> bytes:
-    return hashlib.sha256(credential.encode("utf-8", "surrogatepass")).digest()
+def _digest(credential: str, _sha256: Callable[[bytes], Any] = hashlib.sha256) -> bytes:
+    digest: bytes = _sha256(credential.encode("utf-8", "surrogatepass")).digest()
+    return digest
