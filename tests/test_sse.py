@@ -42,15 +42,6 @@ RESPONSES_STREAM = (
 )
 
 
-def feed_all(chunks: list[bytes]) -> list[SSEEvent]:
-    decoder = SSEDecoder()
-    events: list[SSEEvent] = []
-    for chunk in chunks:
-        events.extend(decoder.feed(chunk))
-    events.extend(decoder.finish())
-    return events
-
-
 def test_openai_chat_stream_events_in_order() -> None:
     events = parse_sse([CHAT_STREAM])
     assert len(events) == 5  # the comment is not an event
@@ -135,15 +126,15 @@ def test_invalid_utf8_is_replaced_not_raised() -> None:
 def test_every_two_way_split_gives_the_same_events() -> None:
     expected = parse_sse([CHAT_STREAM])
     for cut in range(len(CHAT_STREAM) + 1):
-        assert feed_all([CHAT_STREAM[:cut], CHAT_STREAM[cut:]]) == expected, cut
+        assert parse_sse([CHAT_STREAM[:cut], CHAT_STREAM[cut:]]) == expected, cut
     expected = parse_sse([RESPONSES_STREAM])
     for cut in range(len(RESPONSES_STREAM) + 1):
-        assert feed_all([RESPONSES_STREAM[:cut], RESPONSES_STREAM[cut:]]) == expected, cut
+        assert parse_sse([RESPONSES_STREAM[:cut], RESPONSES_STREAM[cut:]]) == expected, cut
 
 
 def test_byte_by_byte_feeding() -> None:
     stream = CHAT_STREAM + RESPONSES_STREAM.replace(b"\r\n", b"\r")
-    assert feed_all([stream[i : i + 1] for i in range(len(stream))]) == parse_sse([stream])
+    assert parse_sse([stream[i : i + 1] for i in range(len(stream))]) == parse_sse([stream])
 
 
 @settings(max_examples=200, deadline=None)
@@ -154,14 +145,14 @@ def test_arbitrary_chunking_is_invisible(cuts: list[int]) -> None:
     stream = CHAT_STREAM + RESPONSES_STREAM
     points = sorted(set(cuts))
     chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
-    assert feed_all(chunks) == parse_sse([stream])
+    assert parse_sse(chunks) == parse_sse([stream])
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=400), st.integers(min_value=1, max_value=50))
 def test_random_bytes_never_raise_and_chunking_is_invisible(data: bytes, size: int) -> None:
     whole = parse_sse([data])
-    assert feed_all([data[i : i + size] for i in range(0, len(data), size)]) == whole
+    assert parse_sse([data[i : i + size] for i in range(0, len(data), size)]) == whole
     assert all(isinstance(e.data, str) for e in whole)
 
 
