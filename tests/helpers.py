@@ -7,7 +7,6 @@
   instead of sleeping a fixed time.
 * :func:`chat_answer` sends one chat completion through a gateway and returns its answer.
 * :func:`read_jsonl` reads a JSONL destination file.
-* :func:`sample_record` builds a :class:`LogRecord` for sink tests from a module's own defaults.
 * :func:`langfuse_team` builds the team settings the settings store tests save and read back.
 * :func:`build_without` builds a destination in a fresh interpreter where some packages cannot
   be imported, and returns what it printed.
@@ -26,14 +25,13 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Generic, Protocol, TypeVar
 
 import httpx
 
-from team_logging_middleware.records import LogRecord
 from team_logging_middleware.settings import CallbackSpec, TeamSettings
 from team_logging_middleware.sinks.base import Sink, SinkContext, SinkType
 
@@ -141,23 +139,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
-# A successful chat completion call; each sink test module supplies the rest (team, times, model
-# and content) as its own defaults, since its assertions are written against those values.
-_RECORD_BASE: dict[str, Any] = {
-    "request_id": "req-1",
-    "route": "/v1/chat/completions",
-    "method": "POST",
-    "call_type": "chat.completions",
-    "outcome": "ok",
-    "status_code": 200,
-}
-
-
-def sample_record(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> LogRecord:
-    """A chat completion :class:`LogRecord`: the shared base, ``defaults``, then ``overrides``."""
-    return LogRecord(**{**_RECORD_BASE, **defaults, **overrides})
 
 
 class Opened:

@@ -21,8 +21,9 @@ from team_logging_middleware.settings import CallbackSpec
 from team_logging_middleware.sinks import gcs
 from team_logging_middleware.sinks.gcs import SINK_TYPE, GcsBucketSink
 from team_logging_middleware.sinks.otel import BLOCKING_THREAD_PREFIX, BLOCKING_WORKERS
+from team_logging_middleware.testing import sample_record
 from tests.fixtures.gcs_server import GcsServer
-from tests.helpers import SinkMaker, build_without, sample_record
+from tests.helpers import SinkMaker, build_without
 
 # 2024-02-29T23:59:59.5Z: the date folder comes from the first record's start, in UTC.
 START = 1_709_251_199.5
@@ -42,8 +43,9 @@ def make_record(**overrides: Any) -> LogRecord:
         "messages": [{"role": "user", "content": "héllo"}],
         "output": "hi",
         "usage": Usage(5, 1, 6),
+        "finish_reason": None,
     }
-    return sample_record(defaults, overrides)
+    return sample_record(**{**defaults, **overrides})
 
 
 @pytest.fixture

@@ -33,8 +33,8 @@ from team_logging_middleware.sinks.langfuse import (
     encode_span,
     langfuse_span,
 )
+from team_logging_middleware.testing import sample_record
 from tests.fixtures.fake_langfuse import FakeLangfuse, Project, decode_export, flatten_spans
-from tests.helpers import sample_record
 
 START = 1_714_564_800.0  # 2024-05-01T12:00:00Z
 
@@ -60,7 +60,7 @@ def make_record(**overrides: Any) -> LogRecord:
         "usage": Usage(input_tokens=12, output_tokens=5, total_tokens=17),
         "metadata": {"key_id": "k-1"},
     }
-    return sample_record(defaults, overrides)
+    return sample_record(**{**defaults, **overrides})
 
 
 @pytest.fixture

@@ -24,8 +24,9 @@ from team_logging_middleware.sinks.otel import (
     SINK_TYPE,
     OtelSink,
 )
+from team_logging_middleware.testing import sample_record
 from tests.fixtures.otlp_receiver import OtlpReceiver
-from tests.helpers import SinkMaker, build_without, sample_record
+from tests.helpers import SinkMaker, build_without
 
 START = 1_717_171_717.25  # 2024-05-31T16:08:37.25Z
 END = START + 1.5
@@ -53,7 +54,7 @@ def make_record(**overrides: Any) -> LogRecord:
         "finish_reason": "stop",
         "usage": Usage(input_tokens=12, output_tokens=1, total_tokens=13),
     }
-    return sample_record(defaults, overrides)
+    return sample_record(**{**defaults, **overrides})
 
 
 def endpoint_for(receiver: OtlpReceiver, protocol: str, http_tenant: str) -> tuple[str, str]:
