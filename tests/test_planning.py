@@ -726,3 +726,12 @@ async def test_the_unknown_caller_and_degraded_plans_are_counted_on_the_shortcut
     assert planner.stats()["failsafe_served"] == 2
     clock.now += 1  # the retry interval: the store is asked again
     assert planner.cached_plan(caller) is None
+
+
+async def test_the_shortcut_is_bounded_by_maxsize() -> None:
+    planner = await planner_with(maxsize=2)
+    callers = [Caller(team_id=f"t{i}") for i in range(3)]
+    plans = [await planner.plan_for(caller) for caller in callers]
+    assert planner.cached_plan(callers[0]) is None  # the oldest shortcut went first
+    assert planner.cached_plan(callers[2]) is plans[2]
+    assert await planner.plan_for(callers[0]) == plans[0]

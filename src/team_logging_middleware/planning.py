@@ -193,7 +193,9 @@ class Planner:
         self._count_degraded(view)
         recent = self._recent
         if len(recent) >= self._maxsize:
-            del recent[next(iter(recent))]  # the oldest entry; it is only a shortcut
+            # The oldest entry (it is only a shortcut). pop with a default: a store listener on
+            # another thread may clear the dict between the two steps.
+            recent.pop(next(iter(recent), None), None)  # type: ignore[arg-type]
         recent[id(caller)] = (caller, plan, view, generation)
         return plan
 
