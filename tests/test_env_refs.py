@@ -1,7 +1,7 @@
 """``os.environ/NAME`` references on the example gateway: who may write them, which names, and
 that they are resolved only when a destination is built and never echoed back resolved.
 
-Policy under test (see ``docs/precedence.md``):
+Policy under test (see the README, "`os.environ/` references"):
 
 * the static config file may reference any variable (the operator wrote it);
 * the master key may reference names matching the operator's allowlist (default ``LANGFUSE_*``,

@@ -11,7 +11,7 @@ submitted) and then flushes the dispatcher, which resolves only once every submi
 delivered or dropped. The GDPR test also sends a later request through the very same
 destinations and waits for it, as the issue asks.
 
-One test per row of the table in ``docs/precedence.md``.
+One test per row of the table in the README's "Who logs where".
 """
 
 from __future__ import annotations
