@@ -62,7 +62,7 @@ WORKLOAD_VARIANTS: dict[str, tuple[str, ...]] = {
 # Paced streams are latency-bound: 30 connections keep the bare server well below saturation,
 # so the paced ratio shows what the middleware does to chunk timing, not to peak throughput.
 CONNECTIONS = {"json": 50, "stream": 50, "paced": 30}
-SETTLE_DEADLINE = 30.0  # seconds a team-scale server may take to deliver its warm-up records
+SETTLE_DEADLINE = 20.0  # seconds a team-scale server may take to deliver its warm-up records
 TTFB_SAMPLES = {"stream": 200, "paced": 12}
 PACKAGES = (
     "team-logging-middleware",
@@ -375,8 +375,12 @@ class Config:
         return out
 
     def duration_for(self, workload: str) -> int:
-        # Paced requests are latency-bound (~0.12 s each, steady): half the time is as stable.
-        return max(1, self.duration * 4 // 10) if workload == "paced" else self.duration
+        # Paced requests are latency-bound (~0.12 s each, steady): 40% of the time is as stable.
+        if workload == "paced":
+            return max(1, self.duration * 4 // 10)
+        if workload == "stream":
+            return max(1, self.duration * 8 // 10)  # keeps the whole run under ten minutes
+        return self.duration
 
     def estimate_seconds(self) -> float:
         per_run_overhead = self.idle_quiet + 0.3
