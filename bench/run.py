@@ -878,6 +878,7 @@ class Bench:
         cfg = self.cfg
         started = time.monotonic()
         loadavg_at_start = _loadavg()
+        started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         langfuse_projects = max([1, *cfg.teams_scale]) if cfg.teams_variant == "tlm-langfuse" else 1
         if "tlm-langfuse" in cfg.variants:
             self.start_fake_langfuse(langfuse_projects)
@@ -896,7 +897,7 @@ class Bench:
         report: dict[str, Any] = {
             "schema": 1,
             "mode": "smoke" if cfg.smoke else "full",
-            "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "started_at": started_at,
             "machine": machine_info(cfg),
             "config": {
                 "rounds": cfg.rounds,
