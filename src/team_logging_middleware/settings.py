@@ -86,9 +86,13 @@ class TeamSettings(BaseModel):
 
 
 class TeamSettingsPatch(BaseModel):
-    """Body of ``PATCH /team/{team_id}/settings``: only the switches, every field optional."""
+    """Body of ``PATCH /team/{team_id}/settings``: only the switches, every field optional.
 
-    model_config = ConfigDict(extra="forbid")
+    Strict: ``0``, ``0.0`` or ``"false"`` are refused for a boolean (an API body says what it
+    means; a silently coerced switch is how a GDPR kill switch gets flipped by accident).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     logging_enabled: bool | None = None
     cache_enabled: bool | None = None
