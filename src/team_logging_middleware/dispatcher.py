@@ -18,6 +18,9 @@ At most ``max_live_sinks`` lanes hold a built sink (and a sender task) at once: 
 closed least-recently-used first, and when every slot is busy, lanes with records wait their turn
 and busy lanes hand over their slot after a batch — so thousands of destinations run with a
 constant number of tasks. Counters of evicted lanes survive in :meth:`Dispatcher.stats`.
+At most ``max_concurrent_emits`` exports run at once, and with more live lanes than
+``_LANES_PER_INTERVAL`` a partial batch waits proportionally longer than ``flush_interval``: the
+number of export requests per second stays bounded from one destination to thousands.
 
 Memory is bounded in bytes: the intake by ``max_queue_bytes``, each lane by ``max_lane_bytes``
 and all lanes together by ``max_queue_bytes`` again (the largest lane loses its oldest records
@@ -64,6 +67,11 @@ _MAX_TEAM_IDS = 16  # team ids remembered per destination for stats
 _MAX_REASON_CHARS = 300
 _MAX_TRACKED_DESTINATIONS = 10_000  # counters of idle destinations beyond this are folded
 _MAX_LOGGED_DESTINATIONS = 20  # in the shutdown line
+# Live destinations per flush interval: beyond this many, every
+# lane waits proportionally longer before sending a partial batch, so the number of export
+# requests per second stays bounded however many destinations share the traffic (1,000 teams
+# at one record each per interval would otherwise cost 1,000 tiny requests a second).
+_LANES_PER_INTERVAL = 250
 _DROP_REASONS = ("buffer_full", "retries_exhausted", "build_failed", "shutdown")
 _SCRUBBED = "****"
 
@@ -183,7 +191,7 @@ def shared_http_client(timeout: float) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         timeout=httpx.Timeout(timeout, connect=min(5.0, timeout)),
         limits=httpx.Limits(
-            max_connections=100, max_keepalive_connections=20, keepalive_expiry=30.0
+            max_connections=100, max_keepalive_connections=100, keepalive_expiry=30.0
         ),
         cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
         follow_redirects=False,
@@ -209,6 +217,8 @@ class Dispatcher:
             server's ``retry_after`` when it is longer (also capped at ``backoff_max``, so one
             server cannot park a lane indefinitely).
         max_live_sinks: how many destinations may hold a built sink at once.
+        max_concurrent_emits: how many ``emit`` calls may run at once over all destinations
+            (a lane waiting for its turn has not started its ``emit_timeout`` yet).
         environ: where ``os.environ/NAME`` references are resolved (default ``os.environ``).
         http_client: the connection pool handed to every sink; created (and closed) here when
             not given.
@@ -231,7 +241,8 @@ class Dispatcher:
         max_retries: int = 5,
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
-        max_live_sinks: int = 256,
+        max_live_sinks: int = 1024,
+        max_concurrent_emits: int = 16,
         environ: Mapping[str, str] | None = None,
         http_client: httpx.AsyncClient | None = None,
         decode: Decode | None = None,
@@ -243,6 +254,7 @@ class Dispatcher:
             ("batch_size", batch_size),
             ("max_batch_bytes", max_batch_bytes),
             ("max_live_sinks", max_live_sinks),
+            ("max_concurrent_emits", max_concurrent_emits),
         ):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -268,6 +280,10 @@ class Dispatcher:
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._max_live = max_live_sinks
+        # Exports in flight at once, over all lanes. Beyond a few dozen, concurrent requests
+        # only queue inside the shared connection pool, whose bookkeeping grows with the square
+        # of its waiters: 1,000 lanes flushing together once took minutes of CPU there.
+        self._emit_slots = asyncio.Semaphore(max_concurrent_emits)
         self._environ = environ
         self._client = http_client
         self._owns_client = False
@@ -685,6 +701,8 @@ class Dispatcher:
             self._live.move_to_end(lane.identity)
             self._start_sender(lane, None)
             return
+        if lane.waiting:
+            return  # already queued for a slot: no scan of the live lanes per record
         if len(self._live) < self._max_live:
             self._live[lane.identity] = lane
             self._start_sender(lane, None)
@@ -779,7 +797,7 @@ class Dispatcher:
                 or self._closing
             ):
                 return
-            remaining = lane.queue[0][2] + self._flush_interval - self._timer()
+            remaining = lane.queue[0][2] + self._batch_interval() - self._timer()
             if remaining <= 0:
                 return
             lane.wake.clear()
@@ -789,6 +807,15 @@ class Dispatcher:
                 await lane.wake.wait()
             finally:
                 handle.cancel()
+
+    def _batch_interval(self) -> float:
+        """How long a partial batch may wait: ``flush_interval``, stretched when many lanes are
+        busy at once so that they send fewer, larger batches instead of a flood of small ones."""
+        busy = len(self._live)
+        if busy <= _LANES_PER_INTERVAL or self._waiting:
+            # Lanes waiting for a slot: holders must send and hand over, not wait longer.
+            return self._flush_interval
+        return self._flush_interval * busy / _LANES_PER_INTERVAL
 
     def _take_batch(self, lane: _Lane) -> list[LogRecord]:
         batch: list[LogRecord] = []
@@ -826,7 +853,8 @@ class Dispatcher:
                         resolved = True
                         return
                 try:
-                    await _with_timeout(lane.sink.emit(batch), self._emit_timeout)
+                    async with self._emit_slots:
+                        await _with_timeout(lane.sink.emit(batch), self._emit_timeout)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
