@@ -471,6 +471,40 @@ async def test_decoding_yields_to_other_tasks(make_dispatcher: MakeDispatcher) -
     assert len(set(seen)) > 5  # the ticker ran many times while the 200 were decoded
 
 
+async def test_slow_decodes_yield_after_each_one(make_dispatcher: MakeDispatcher) -> None:
+    # Each decode takes longer than the worker's yield budget, so the worker must let other
+    # tasks run between every two of them, well before the count-based cap.
+    ticks = 0
+    seen: list[int] = []
+
+    def decode(ex: Exchange) -> LogRecord:
+        seen.append(ticks)
+        start = time.perf_counter()
+        while time.perf_counter() - start < 2 * dispatcher_module._YIELD_AFTER_S:
+            pass
+        return simple_decode(ex)
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    d = await make_dispatcher(decode=decode)
+    p = plan([dest("a")])
+    count = 6
+    assert count < dispatcher_module._YIELD_EVERY
+    for i in range(count):
+        d.submit(exchange(p, i))
+    task = asyncio.create_task(ticker())
+    try:
+        await d.flush(timeout=5)
+    finally:
+        task.cancel()
+    assert len(seen) == count
+    assert seen == sorted(set(seen))  # strictly increasing: the ticker ran between every two
+
+
 async def test_tasks_do_not_inherit_the_callers_contextvars(
     make_dispatcher: MakeDispatcher,
 ) -> None:

@@ -62,7 +62,11 @@ logger = logging.getLogger("team_logging_middleware.dispatcher")
 MiB = 1024 * 1024
 Decode = Callable[[Exchange], LogRecord]
 
-_YIELD_EVERY = 16  # decode this many exchanges, then let the loop run other tasks
+# The worker lets the loop run other tasks (requests, their first bytes) once it has decoded for
+# this long since it last yielded: a decoded stream costs far more than a decoded JSON exchange,
+# so a count alone would hold the loop for milliseconds behind a run of streams.
+_YIELD_AFTER_S = 0.0005
+_YIELD_EVERY = 16  # and at the latest after this many exchanges, however cheap they were
 _MAX_TEAM_IDS = 16  # team ids remembered per destination for stats
 _MAX_REASON_CHARS = 300
 _MAX_TRACKED_DESTINATIONS = 10_000  # counters of idle destinations beyond this are folded
@@ -593,11 +597,15 @@ class Dispatcher:
 
     async def _run_worker(self) -> None:
         since_yield = 0
+        clock = time.perf_counter
+        last_yield = clock()
         while True:
             if not self._intake:
                 self._warned_full = False
                 self._wake.clear()
                 await self._wake.wait()
+                since_yield = 0
+                last_yield = clock()
                 continue
             item, size = self._intake.popleft()
             self._intake_bytes -= size
@@ -609,9 +617,10 @@ class Dispatcher:
             self._processed += 1
             self._notify_progress()
             since_yield += 1
-            if since_yield >= _YIELD_EVERY:
+            if since_yield >= _YIELD_EVERY or clock() - last_yield >= _YIELD_AFTER_S:
                 since_yield = 0
                 await asyncio.sleep(0)
+                last_yield = clock()
 
     def _route(self, item: Exchange | _RecordItem, size: int) -> None:
         if isinstance(item, _RecordItem):
