@@ -294,6 +294,26 @@ def test_stream_without_event_stream_content_type_is_still_a_stream() -> None:
     assert record.stream and record.output == "hi"
 
 
+def test_plain_data_streams_decode_as_the_general_parser_decodes_them() -> None:
+    # The same events twice: once in the plain shape the fast path takes, once with a comment
+    # that sends the stream through the general parser. Odd values must come out the same.
+    events = [
+        b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"Gr\xfc"}}]}',
+        b"data: not json",
+        b"data: [1, 2]",
+        b'data:{"id":"c","choices":[{"index":0,"delta":{"content":"!"},"finish_reason":"stop"}]}',
+        b"data:  [DONE] ",
+    ]
+    plain = [e + b"\n\n" for e in events]
+    general = [b": keep-alive\n\n", *plain]
+    fast = decode_exchange(exchange(request={"model": "m"}, chunks=plain))
+    slow = decode_exchange(exchange(request={"model": "m"}, chunks=general))
+    assert fast.output == slow.output == "Gr\ufffd!"
+    assert fast.decode_note == slow.decode_note == "2 response events were not JSON"
+    assert fast.finish_reason == slow.finish_reason == "stop"
+    assert fast.response_model == slow.response_model == "m"
+
+
 def test_stream_error_event_and_http_error_json() -> None:
     stream = sse(
         {"id": "c", "choices": [{"index": 0, "delta": {"content": "par"}}]},

@@ -11,6 +11,7 @@ from team_logging_middleware._sse import (
     DONE,
     SSEDecoder,
     SSEEvent,
+    data_only_values,
     is_done,
     looks_like_sse,
     parse_sse,
@@ -154,6 +155,57 @@ def test_random_bytes_never_raise_and_chunking_is_invisible(data: bytes, size: i
     whole = parse_sse([data])
     assert parse_sse([data[i : i + size] for i in range(0, len(data), size)]) == whole
     assert all(isinstance(e.data, str) for e in whole)
+
+
+def _fast_agrees(data: bytes) -> bool:
+    """True when the fast path declines ``data`` or gives exactly the general decoder's events."""
+    values = data_only_values(data)
+    if values is None:
+        return False
+    events = parse_sse([data])
+    assert [SSEEvent(data=v.decode("utf-8", errors="replace")) for v in values] == [
+        SSEEvent(data=e.data) for e in events
+    ]
+    assert all(e.event == "message" for e in events)
+    return True
+
+
+def test_data_only_fast_path_takes_plain_chat_streams() -> None:
+    plain = CHAT_STREAM.replace(b": keep-alive\n\n", b"")
+    assert _fast_agrees(plain)
+    assert _fast_agrees(plain.replace(b"\n", b"\r\n"))
+    assert _fast_agrees(b"\xef\xbb\xbf" + plain + b"\n\n\n")
+    assert _fast_agrees(b"data: {}\n\ndata:x\n")  # a complete last line without its blank line
+    assert _fast_agrees(b"data: {}\n\ndata: cut")  # a cut last line is dropped
+    assert data_only_values(b"data:  two spaces\n\n") == [b" two spaces"]
+
+
+def test_data_only_fast_path_declines_anything_else() -> None:
+    assert data_only_values(CHAT_STREAM) is None  # a comment
+    assert data_only_values(RESPONSES_STREAM) is None  # event: fields
+    assert data_only_values(b"data: a\ndata: b\n\n") is None  # multi-line data
+    assert data_only_values(b"data: a\r\rdata: b\r\r") is None  # CR-only line ends
+    assert data_only_values(b"data: a\n\nid: 7\n") is None
+
+
+_SSE_PIECES = st.sampled_from(
+    [
+        *(b"data:", b"data: ", b"event: x", b"id: 1", b": c", b"{}", b"[DONE]", b'{"a":1}', b"x"),
+        *(b"\n", b"\r\n", b"\r", b"\n\n", b"\r\n\r\n", b"\xef\xbb\xbf", b"\xff", b" "),
+    ]
+)
+
+
+@given(st.lists(_SSE_PIECES, max_size=30).map(b"".join))
+@settings(max_examples=300, deadline=None)
+def test_data_only_fast_path_agrees_with_the_decoder(data: bytes) -> None:
+    _fast_agrees(data)
+
+
+@settings(deadline=None)
+@given(st.binary(max_size=200))
+def test_data_only_fast_path_agrees_on_random_bytes(data: bytes) -> None:
+    _fast_agrees(data)
 
 
 def test_looks_like_sse() -> None:

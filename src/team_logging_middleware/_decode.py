@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from ._sse import SSEEvent, is_done, looks_like_sse, parse_sse
+from ._sse import DONE, SSEEvent, data_only_values, is_done, looks_like_sse, parse_sse
 from .records import REDACTED, Exchange, LogRecord, Usage
 
 __all__ = ["RAW_LIMIT", "call_type_for_path", "decode_exchange"]
@@ -294,7 +294,7 @@ def _decode(exchange: Exchange) -> LogRecord:
     raw_response: str | None = None
     if response_bytes:
         if looks_like_sse(exchange.response_content_type, response_bytes[:64]):
-            events, undecoded = _sse_payloads(exchange.response_chunks)
+            events, undecoded = _sse_payloads(response_bytes)
             if not events:
                 raw_response = _raw(response_bytes)
                 notes.append("response event stream has no JSON events")
@@ -359,10 +359,27 @@ def _salvage(body: bytes) -> dict[str, Any]:
     return found
 
 
-def _sse_payloads(chunks: Iterable[bytes]) -> tuple[list[tuple[str, dict[str, Any]]], int]:
+def _sse_payloads(stream: bytes) -> tuple[list[tuple[str, dict[str, Any]]], int]:
     payloads: list[tuple[str, dict[str, Any]]] = []
     undecoded = 0
-    for event in parse_sse(chunks):
+    values = data_only_values(stream)
+    if values is not None:
+        # The common shape: load each value straight from the captured bytes. Anything that
+        # is not a plain JSON payload takes the general route below, so the result is the same.
+        for value in values:
+            try:
+                loaded = _loads(value)
+            except (ValueError, RecursionError):
+                text = value.decode("utf-8", errors="replace")
+                if text.strip() == DONE:
+                    continue
+                loaded = _event_json(SSEEvent(data=text))
+            if isinstance(loaded, dict):
+                payloads.append(("message", loaded))
+            else:
+                undecoded += 1
+        return payloads, undecoded
+    for event in parse_sse((stream,)):
         if is_done(event):
             continue
         value = _event_json(event)
