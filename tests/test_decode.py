@@ -314,6 +314,27 @@ def test_plain_data_streams_decode_as_the_general_parser_decodes_them() -> None:
     assert fast.response_model == slow.response_model == "m"
 
 
+def test_chat_stream_tolerates_odd_chunk_shapes() -> None:
+    stream = sse(
+        {"id": "c1", "model": "m1", "choices": "oops"},
+        {"id": "c2", "model": "m2", "choices": [7, {"index": True, "delta": None, "text": "a"}]},
+        {"choices": [{"index": 1, "delta": {"content": "b"}, "finish_reason": ""}], "usage": {}},
+        {
+            "choices": [
+                {"index": 0, "delta": {"content": 5, "refusal": "no"}, "finish_reason": "length"}
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+        },
+    )
+    record = decode_exchange(exchange(request={"model": "m"}, chunks=stream))
+    assert record.response_id == "c1" and record.response_model == "m1"
+    assert record.output == "no\n\nab"  # choice 0 (a refusal), then choice 1 by its position
+    assert record.finish_reason == "length"
+    assert record.usage is not None
+    assert (record.usage.input_tokens, record.usage.output_tokens) == (3, 2)
+    assert record.usage.total_tokens == 5
+
+
 def test_stream_error_event_and_http_error_json() -> None:
     stream = sse(
         {"id": "c", "choices": [{"index": 0, "delta": {"content": "par"}}]},

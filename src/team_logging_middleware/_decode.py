@@ -588,21 +588,42 @@ def _chat_stream(record: LogRecord, events: list[tuple[str, dict[str, Any]]]) ->
     parts: dict[int, list[str]] = {}
     tools = _ToolCalls()
     reasons: dict[int, str] = {}
+    # A stream has one chunk per token or so: this loop is the hot part of decoding a stream,
+    # hence the inlined type checks instead of the _dict/_str/_choices helpers.
+    no_delta: dict[str, Any] = {}  # read only
     for _, chunk in events:
         if "error" in chunk and record.error is None:
             record.error = _error_text(chunk["error"])
-        _apply_top(record, chunk)
-        usage = _usage(chunk.get("usage"))
-        if usage is not None:
-            record.usage = usage
-        for index, choice in _choices(chunk):
-            delta = _dict(choice.get("delta"))
-            text = _str(delta.get("content"))
-            if text is None:
+        if record.response_id is None or record.response_model is None:
+            _apply_top(record, chunk)
+        raw_usage = chunk.get("usage")
+        if raw_usage:
+            usage = _usage(raw_usage)
+            if usage is not None:
+                record.usage = usage
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            continue
+        for position, choice in enumerate(choices):
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index")
+            if not isinstance(index, int) or isinstance(index, bool):
+                index = position
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                delta = no_delta
+            text = delta.get("content")
+            if not isinstance(text, str):
                 text = _str(delta.get("refusal")) or _str(choice.get("text"))
             if text:
-                parts.setdefault(index, []).append(text)
-            for call in _list(delta.get("tool_calls")):
+                part = parts.get(index)
+                if part is None:
+                    parts[index] = [text]
+                else:
+                    part.append(text)
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
                 if not isinstance(call, dict):
                     continue
                 tool_index = _int(call.get("index"))
@@ -610,11 +631,11 @@ def _chat_stream(record: LogRecord, events: list[tuple[str, dict[str, Any]]]) ->
                     existing = tools.count(index)
                     tool_index = existing if call.get("id") or not existing else existing - 1
                 tools.merge(index, tool_index, call)
-            function_call = _dict(delta.get("function_call"))
-            if function_call:
+            function_call = delta.get("function_call")
+            if function_call and isinstance(function_call, dict):
                 tools.merge(index, 0, {"type": "function", "function": function_call})
-            reason = _str(choice.get("finish_reason"))
-            if reason:
+            reason = choice.get("finish_reason")
+            if reason and isinstance(reason, str):
                 reasons[index] = reason
     record.output = _join_outputs(parts)
     record.tool_calls = tools.result()
