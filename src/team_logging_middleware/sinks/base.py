@@ -126,8 +126,10 @@ class SinkRegistry:
         """Validate an entry against its sink type; unknown names list the registered ones."""
         sink_type = self._types.get(spec.callback_name)
         if sink_type is None:
-            param = param_prefix.rsplit(".", 1)[0] + ".callback_name" if "." in param_prefix else (
-                "callback_name"
+            param = (
+                param_prefix.rsplit(".", 1)[0] + ".callback_name"
+                if "." in param_prefix
+                else ("callback_name")
             )
             raise SettingsError(
                 f"{param}: unknown callback {spec.callback_name!r}; registered: {self.names()}",
