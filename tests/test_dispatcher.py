@@ -444,43 +444,18 @@ async def test_decode_errors_are_counted_and_do_not_stop_the_worker(
     assert "secret prompt text" not in caplog.text
 
 
-async def test_decoding_yields_to_other_tasks(make_dispatcher: MakeDispatcher) -> None:
-    ticks = 0
-    seen: list[int] = []
-
-    def decode(ex: Exchange) -> LogRecord:
-        seen.append(ticks)
-        return simple_decode(ex)
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    d = await make_dispatcher(decode=decode)
-    p = plan([dest("a")])
-    for i in range(200):
-        d.submit(exchange(p, i))
-    task = asyncio.create_task(ticker())
-    try:
-        await d.flush(timeout=5)
-    finally:
-        task.cancel()
-    assert len(seen) == 200
-    assert len(set(seen)) > 5  # the ticker ran many times while the 200 were decoded
-
-
-async def test_slow_decodes_yield_after_each_one(make_dispatcher: MakeDispatcher) -> None:
-    # Each decode takes longer than the worker's yield budget, so the worker must let other
-    # tasks run between every two of them, well before the count-based cap.
+async def _ticks_seen_by_decodes(
+    make_dispatcher: MakeDispatcher, count: int, busy_seconds: float = 0.0
+) -> list[int]:
+    """Decode ``count`` exchanges (each busy for ``busy_seconds``) while a task counts loop turns;
+    returns the count each decode saw, so the caller can tell how often the worker yielded."""
     ticks = 0
     seen: list[int] = []
 
     def decode(ex: Exchange) -> LogRecord:
         seen.append(ticks)
         start = time.perf_counter()
-        while time.perf_counter() - start < 2 * dispatcher_module._YIELD_AFTER_S:
+        while time.perf_counter() - start < busy_seconds:
             pass
         return simple_decode(ex)
 
@@ -492,8 +467,6 @@ async def test_slow_decodes_yield_after_each_one(make_dispatcher: MakeDispatcher
 
     d = await make_dispatcher(decode=decode)
     p = plan([dest("a")])
-    count = 6
-    assert count < dispatcher_module._YIELD_EVERY
     for i in range(count):
         d.submit(exchange(p, i))
     task = asyncio.create_task(ticker())
@@ -501,6 +474,23 @@ async def test_slow_decodes_yield_after_each_one(make_dispatcher: MakeDispatcher
         await d.flush(timeout=5)
     finally:
         task.cancel()
+    return seen
+
+
+async def test_decoding_yields_to_other_tasks(make_dispatcher: MakeDispatcher) -> None:
+    seen = await _ticks_seen_by_decodes(make_dispatcher, 200)
+    assert len(seen) == 200
+    assert len(set(seen)) > 5  # the ticker ran many times while the 200 were decoded
+
+
+async def test_slow_decodes_yield_after_each_one(make_dispatcher: MakeDispatcher) -> None:
+    # Each decode takes longer than the worker's yield budget, so the worker must let other
+    # tasks run between every two of them, well before the count-based cap.
+    count = 6
+    assert count < dispatcher_module._YIELD_EVERY
+    seen = await _ticks_seen_by_decodes(
+        make_dispatcher, count, busy_seconds=2 * dispatcher_module._YIELD_AFTER_S
+    )
     assert len(seen) == count
     assert seen == sorted(set(seen))  # strictly increasing: the ticker ran between every two
 
